@@ -1,0 +1,92 @@
+"""Callbacks for measuring runs: wall-clock time from process start to each validation, and training throughput."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+__all__ = ["Stopwatch", "process_start_time"]
+
+
+def process_start_time() -> float:
+    """Unix time at which this process started (Linux ``/proc``; else the time mmgen was first imported)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
+
+
+class Stopwatch(L.Callback):
+    """Print and log, at every validation, the seconds since the process started; measure training tokens/s.
+
+    Throughput counts tokens of training batches over the time spent in training steps (validation excluded),
+    skipping the first ``warmup_steps`` (compilation). With ``json_path``, a summary is written at the end of fit.
+
+    Args:
+        warmup_steps: training steps left out of the throughput measurement.
+        json_path: where to write the summary (JSON); none when empty.
+    """
+
+    def __init__(self, warmup_steps: int = 50, json_path: str | None = None) -> None:
+        self.warmup_steps = warmup_steps
+        self.json_path = json_path
+        self.start = process_start_time()
+        self.evaluations: list[dict] = []
+        self._tokens = 0
+        self._train_time = 0.0
+        self._t0: float | None = None
+
+    def _sync(self, trainer: L.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.warmup_steps:
+            self._sync(trainer)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None:
+            self._sync(trainer)
+            self._train_time += time.perf_counter() - self._t0
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self._tokens += x.numel() * trainer.world_size
+            self._t0 = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self._tokens / self._train_time if self._train_time else None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        row = {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val_loss"]),
+               "elapsed_s": round(time.time() - self.start, 2)}
+        self.evaluations.append(row)
+        tps = self.tokens_per_second
+        if trainer.is_global_zero:
+            extra = f", train {tps:,.0f} tokens/s" if tps else ""
+            print(f"[stopwatch] step {row['step']}: val_loss {row['val_loss']:.4f} at {row['elapsed_s']:.1f} s "
+                  f"since process start{extra}", flush=True)
+
+    def summary(self) -> dict:
+        best = min((e["val_loss"] for e in self.evaluations), default=None)
+        return {"evaluations": self.evaluations, "best_val_loss": best, "train_tokens_per_s": self.tokens_per_second,
+                "total_s": round(time.time() - self.start, 2)}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.json_path and trainer.is_global_zero:
+            path = Path(self.json_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.summary(), indent=2))

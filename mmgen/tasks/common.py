@@ -1,0 +1,40 @@
+"""Small helpers every task uses: checking roles and logging what users look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from mmgen.modality import Modality
+
+__all__ = ["log_text", "require_role"]
+
+
+def require_role(task: L.LightningModule, modalities: dict[str, Modality], role: str, kind: type) -> Any:
+    """The modality given for ``role``; a clear error if it is missing or of the wrong kind."""
+    if role not in modalities:
+        raise ValueError(f"{type(task).__name__} needs a modality for role {role!r} ({kind.__name__}); "
+                         f"the data module gave roles: {', '.join(sorted(modalities)) or 'none'}")
+    m = modalities[role]
+    if not isinstance(m, kind):
+        raise TypeError(f"{type(task).__name__} role {role!r} needs a {kind.__name__}, got {type(m).__name__}")
+    return m
+
+
+def log_text(task: L.LightningModule, tag: str, text: str) -> None:
+    """Send text to every logger that takes text (TensorBoard, W&B), a file beside the logs, and the console."""
+    step = task.global_step
+    for logger in task.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(logger, "log_text"):
+            logger.log_text(key=tag, columns=["step", "text"], data=[[step, text]])
+        elif hasattr(experiment, "add_text"):
+            experiment.add_text(tag, "    " + text.replace("\n", "\n    "), global_step=step)  # markdown code block
+        if getattr(logger, "log_dir", None):
+            path = Path(logger.log_dir) / f"{tag}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(f"=== step {step} ===\n{text}\n")
+    task.print(f"[{tag} @ step {step}]\n{text}")
