@@ -21,8 +21,8 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     meta = ckpt[ckpt_io.KEY]
     modalities = ckpt_io.restore_modalities(meta)
     cls = ckpt_io.task_class(meta)
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    hparams.pop("_instantiator", None)
+    hparams = ckpt.get("hyper_parameters", {})
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI's own bookkeeping
     model = cls(modalities=modalities, **hparams)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()

@@ -12,6 +12,8 @@ import torch
 
 __all__ = ["Stopwatch", "process_start_time"]
 
+_IMPORT_TIME = time.time()
+
 
 def process_start_time() -> float:
     """Unix time at which this process started (Linux ``/proc``; else the time mmgen was first imported)."""
@@ -24,18 +26,17 @@ def process_start_time() -> float:
         return _IMPORT_TIME
 
 
-_IMPORT_TIME = time.time()
-
-
 class Stopwatch(L.Callback):
     """Print and log, at every validation, the seconds since the process started; measure training tokens/s.
 
-    Throughput counts tokens of training batches over the time spent in training steps (validation excluded),
-    skipping the first ``warmup_steps`` (compilation). With ``json_path``, a summary is written at the end of fit.
+    Throughput is training tokens over the wall time of training segments (validation excluded, and the first
+    ``warmup_steps`` left out for compilation). The device is synchronised only where a segment starts or ends, so
+    measuring does not stall the GPU. A summary is written as JSON at the end of fit: to ``json_path``, or
+    ``stopwatch.json`` in the logger's directory.
 
     Args:
         warmup_steps: training steps left out of the throughput measurement.
-        json_path: where to write the summary (JSON); none when empty.
+        json_path: where to write the summary; default the logger's directory.
     """
 
     def __init__(self, warmup_steps: int = 50, json_path: str | None = None) -> None:
@@ -45,24 +46,37 @@ class Stopwatch(L.Callback):
         self.evaluations: list[dict] = []
         self._tokens = 0
         self._train_time = 0.0
-        self._t0: float | None = None
+        self._segment: float | None = None
 
-    def _sync(self, trainer: L.Trainer) -> None:
+    @staticmethod
+    def _sync(trainer: L.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step >= self.warmup_steps:
+    def _close(self, trainer: L.Trainer) -> None:
+        if self._segment is not None:
             self._sync(trainer)
-            self._t0 = time.perf_counter()
+            self._train_time += time.perf_counter() - self._segment
+            self._segment = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._segment is None and trainer.global_step >= self.warmup_steps:
+            self._sync(trainer)
+            self._segment = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is not None:
-            self._sync(trainer)
-            self._train_time += time.perf_counter() - self._t0
+        if trainer.global_step in (1, self.warmup_steps) and trainer.is_global_zero:
+            print(f"[stopwatch] step {trainer.global_step} done at {time.time() - self.start:.1f} s since process "
+                  f"start", flush=True)
+        if self._segment is not None:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             self._tokens += x.numel() * trainer.world_size
-            self._t0 = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._close(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close(trainer)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -74,8 +88,8 @@ class Stopwatch(L.Callback):
         row = {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val_loss"]),
                "elapsed_s": round(time.time() - self.start, 2)}
         self.evaluations.append(row)
-        tps = self.tokens_per_second
         if trainer.is_global_zero:
+            tps = self.tokens_per_second
             extra = f", train {tps:,.0f} tokens/s" if tps else ""
             print(f"[stopwatch] step {row['step']}: val_loss {row['val_loss']:.4f} at {row['elapsed_s']:.1f} s "
                   f"since process start{extra}", flush=True)
@@ -86,7 +100,8 @@ class Stopwatch(L.Callback):
                 "total_s": round(time.time() - self.start, 2)}
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.json_path and trainer.is_global_zero:
-            path = Path(self.json_path)
+        path = self.json_path or (Path(trainer.log_dir) / "stopwatch.json" if trainer.log_dir else None)
+        if path and trainer.is_global_zero:
+            path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.summary(), indent=2))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from mmgen import hookspecs
 __all__ = ["PluginError", "Registration", "get_modality", "load_plugins", "modalities", "plugin_manager",
            "plugin_info", "reset"]
 
-log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mmgen"
 ENV_RESTRICT = "MMGEN_PLUGINS"
 
@@ -101,7 +99,6 @@ def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
 
 def _report(plugin: str, message: str) -> None:
     _failures[plugin] = message
-    log.error("mmgen plugin %r: %s", plugin, message)
     print(f"mmgen: plugin {plugin!r} {message}", file=sys.stderr)
 
 
@@ -120,7 +117,7 @@ def modalities() -> dict[str, Registration]:
                 raise TypeError(f"plugin {_plugin!r} registered {cls!r}, which is not a subclass of mmgen.Modality")
             reg = Registration(cls.__name__, cls, _plugin, _dist, _version)
             other = catalogue.get(reg.name)
-            if other is not None and other.cls is not cls:
+            if other is not None and (other.cls is not cls or other.plugin != reg.plugin):
                 raise PluginError(f"modality name {reg.name!r} is registered by two plugins: {other.owner()} and "
                                   f"{reg.owner()}; uninstall one or restrict loading with {ENV_RESTRICT}")
             catalogue[reg.name] = reg

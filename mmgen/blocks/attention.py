@@ -155,7 +155,9 @@ class MultiHeadAttention(nn.Module):
         s, t = q.shape[2], k.shape[2]
         mask = combine_masks(key_padding_mask, attn_mask)
         use_causal_kernel = causal and mask is None and offset == 0 and s == t
-        if causal and not use_causal_kernel:
+        # One new query after a cache sits at the last position: every stored key is in its past.
+        needs_causal_mask = causal and not use_causal_kernel and not (s == 1 and offset == t - 1)
+        if needs_causal_mask:
             # Query i sits at absolute position offset + i; it may see keys up to there.
             allowed = torch.arange(t, device=x.device)[None, :] <= (torch.arange(s, device=x.device)[:, None] + offset)
             mask = allowed if mask is None else mask & allowed
