@@ -46,19 +46,20 @@ def read_corpus(path: Path) -> str:
 class RandomWindows(IterableDataset):
     """Batches of random windows ``(x, y)`` (b, block), ``y`` shifted by one, drawn like nanoGPT's ``get_batch``.
 
-    Batch number ``start + i * stride`` of stream ``stream`` is drawn from a generator seeded by
-    ``(seed, stream, number)``, so the sequence is the same however it is split across data-loader workers, each
-    rank draws its own stream, and resuming at ``start`` continues a stream exactly.
+    Batch ``i`` (of ``num_batches``) is number ``start + i * stride`` of stream ``stream``, drawn from a generator
+    seeded by ``(seed, stream, number)``: the sequence is the same however it is split across data-loader workers,
+    each rank draws its own stream, and iteration begins at batch ``skip`` so a resumed run continues exactly
+    (Lightning restarts a mid-epoch loader and counts the batches already done, so ``len`` stays the whole epoch).
     """
 
     def __init__(self, ids: Tensor, block_size: int, batch_size: int, num_batches: int, seed: int,
-                 stream: int = 0, start: int = 0, stride: int = 1) -> None:
+                 stream: int = 0, start: int = 0, stride: int = 1, skip: int = 0) -> None:
         if len(ids) <= block_size:
             raise ValueError(f"a split of {len(ids)} tokens is too short for windows of {block_size + 1}; use a "
                              f"larger corpus or a smaller block_size")
         self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
         self.num_batches, self.seed, self.stream = num_batches, seed, stream
-        self.start, self.stride = start, stride
+        self.start, self.stride, self.skip = start, stride, skip
 
     def __len__(self) -> int:
         return self.num_batches
@@ -72,7 +73,7 @@ class RandomWindows(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i in range(worker, self.num_batches, workers):
+        for i in range(self.skip + worker, self.num_batches, workers):
             yield self.batch(self.start + i * self.stride)
 
 
@@ -154,9 +155,10 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self._rank()
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        num = max_steps * accumulate - self._resume_step if max_steps and max_steps > 0 else 1000
-        ds = RandomWindows(self._train_ids, self._block(), self.batch_size, max(num, 1), self.seed, stream=rank,
-                           start=self._resume_step)
+        # One epoch is the whole run: windows are random, so epochs mean nothing here.
+        num = max_steps * accumulate if max_steps and max_steps > 0 else 10**12
+        ds = RandomWindows(self._train_ids, self._block(), self.batch_size, num, self.seed, stream=rank,
+                           skip=self._resume_step)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 

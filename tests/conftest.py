@@ -1,0 +1,51 @@
+"""Shared fixtures: a small corpus, tiny models and a one-call trainer for end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mmgen.data import TextDataModule, data_dir
+from mmgen.tasks import LanguageModel
+from mmgen_text import CharTokenizer
+
+VERSE = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+         "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;\n")
+TINY = dict(num_layers=2, num_heads=2, d_model=32, block_size=16, dropout=0.0, warmup_steps=2, lr_decay_steps=20,
+            sample_tokens=0)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(VERSE * 20, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    path = data_dir() / "tinyshakespeare" / "input.txt"
+    assert path.is_file(), f"Tiny Shakespeare not found at {path}: set MMGEN_DATA_DIR"
+    return path
+
+
+def tiny_model(text: CharTokenizer, **overrides) -> LanguageModel:
+    return LanguageModel({"text": text}, **{**TINY, **overrides})
+
+
+def fit(root: Path, path: Path, steps: int, *, ckpt_path: str | None = None, unknown: str = "error",
+        **model_args) -> tuple[L.Trainer, LanguageModel, TextDataModule]:
+    """Train a tiny GPT for ``steps`` steps on ``path``; the last checkpoint is ``root/last.ckpt``."""
+    torch.manual_seed(0)
+    dm = TextDataModule(CharTokenizer(unknown=unknown), path=str(path), batch_size=4, val_batches=2, seed=7)
+    model = tiny_model(dm.modalities["text"], **model_args)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=max(steps, 1), check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, gradient_clip_val=1.0,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
+                        default_root_dir=root)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, model, dm

@@ -1,0 +1,101 @@
+"""Checkpoints: JSON plugin state under "mmgen", weights_only loading, mmgen.load, fine-tuning and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmgen
+from mmgen.checkpoint import CheckpointError
+from mmgen.modality import VocabularyError
+from mmgen.tasks import LanguageModel
+from tests.conftest import VERSE, fit
+
+
+@pytest.fixture
+def trained(tmp_path, corpus):
+    fit(tmp_path / "run", corpus, 3)
+    return tmp_path / "run" / "last.ckpt"
+
+
+def test_checkpoint_is_weights_only_with_json_plugin_record(trained) -> None:
+    ckpt = torch.load(trained, weights_only=True)
+    record = ckpt["mmgen"]
+    assert record["format"] == 1 and record["task"] == "mmgen.tasks.language_model.LanguageModel"
+    text = record["modalities"]["text"]
+    assert (text["name"], text["plugin"], text["distribution"]) == ("CharTokenizer", "text", "mmgen")
+    assert text["version"] == mmgen.__version__
+    assert text["state"]["chars"] == "".join(sorted(set(VERSE)))
+    json.dumps(record)  # plain JSON, nothing pickled
+
+
+def test_load_round_trip_is_bit_exact(trained) -> None:
+    model = mmgen.load(trained)
+    saved = torch.load(trained, weights_only=True)["state_dict"]
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    assert len(model.generate("Thou", 10, seed=0)) == 10
+
+
+def test_missing_plugin_names_the_package(trained, tmp_path) -> None:
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["mmgen"]["modalities"]["text"].update(name="GoneTokenizer", plugin="gone", distribution="mmgen-gone")
+    torch.save(ckpt, tmp_path / "gone.ckpt")
+    with pytest.raises(CheckpointError, match="install package 'mmgen-gone'"):
+        mmgen.load(tmp_path / "gone.ckpt")
+
+
+def test_not_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        mmgen.load(tmp_path / "nope.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(CheckpointError, match="not an mmgen checkpoint"):
+        mmgen.load(tmp_path / "plain.ckpt")
+
+
+def test_init_from_takes_weights_and_vocabulary_with_a_fresh_optimizer(trained, tmp_path) -> None:
+    subset = tmp_path / "subset.txt"
+    subset.write_text("Thou art more lovely\n" * 30)  # fewer characters than the checkpoint's vocabulary
+    trainer, model, dm = fit(tmp_path / "ft", subset, 0, init_from=str(trained))
+    source = mmgen.load(trained)
+    assert model.text.state_dict() == source.text.state_dict()  # the checkpoint's vocabulary, not the subset's
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    trainer, model, dm = fit(tmp_path / "ft2", subset, 2, init_from=str(trained))
+    assert trainer.global_step == 2  # counted from zero: a new run, not a resume
+
+
+def test_init_from_with_unseen_characters(trained, tmp_path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("Zounds! Quoth Xerxes, 42 times.\n" * 20)
+    with pytest.raises(VocabularyError) as err:
+        fit(tmp_path / "ft", other, 1, init_from=str(trained))
+    msg = str(err.value)
+    assert "'Z'" in msg and "'X'" in msg and "'4'" in msg and "unknown: unk" in msg
+    assert f"{len(set(other.read_text()))} distinct characters" in msg and "vocabulary (" in msg
+    trainer, model, dm = fit(tmp_path / "ft_unk", other, 1, init_from=str(trained), unknown="unk")
+    assert trainer.global_step == 1
+
+
+def test_resume_continues_exactly(tmp_path, corpus) -> None:
+    _, straight, _ = fit(tmp_path / "a", corpus, 4)
+    fit(tmp_path / "b", corpus, 2)
+    trainer, resumed, _ = fit(tmp_path / "b2", corpus, 4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert trainer.global_step == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_different_vocabulary_is_refused(tmp_path, corpus) -> None:
+    fit(tmp_path / "a", corpus, 2)
+    other = tmp_path / "other.txt"
+    other.write_text(VERSE.upper() * 20)
+    with pytest.raises(CheckpointError, match="init_from"):
+        fit(tmp_path / "b", other, 4, ckpt_path=str(tmp_path / "a" / "last.ckpt"))
+
+
+def test_init_from_with_another_architecture(trained, tmp_path, corpus) -> None:
+    with pytest.raises(CheckpointError, match="do not fit"):
+        fit(tmp_path / "x", corpus, 1, init_from=str(trained), d_model=64)
