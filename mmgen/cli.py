@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from mmgen.config import ConfigError, cli_main  # Lightning is imported only for training commands
 
+    from mmgen.checkpoint import CheckpointError
+    from mmgen.data import DataFileError
+    from mmgen.modality import VocabularyError
+
     try:
         cli_main(None if argv == sys.argv[1:] else argv)
-    except ConfigError as exc:
+    except (ConfigError, DataFileError, VocabularyError, CheckpointError, plugins.PluginError) as exc:
+        # Bad input, not a bug: one line naming the problem and what is accepted, no traceback.
         print(f"mmgen: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -79,3 +79,15 @@ def test_generate_command_streams_and_bad_checkpoint_is_one_line(tmp_path) -> No
     bad = subprocess.run([sys.executable, "-m", "mmgen", "generate", "--ckpt", str(tmp_path / "missing.ckpt")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "checkpoint not found" in bad.stderr
+
+
+def test_bad_data_during_a_run_is_one_line(tmp_path) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    for path, expected in [(tmp_path / "missing.txt", "data not found"), (latin1, "not UTF-8 text")]:
+        out = subprocess.run([sys.executable, "-m", "mmgen", "fit", "--config",
+                              str(ROOT / "recipes/text/shakespeare_char_cpu.yaml"), "--data.path", str(path),
+                              "--trainer.default_root_dir", str(tmp_path)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and expected in out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith("mmgen: error:")
