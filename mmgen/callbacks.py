@@ -31,8 +31,10 @@ class Stopwatch(L.Callback):
 
     Throughput is training tokens over the wall time of training segments (validation excluded, and the first
     ``warmup_steps`` left out for compilation). The device is synchronised only where a segment starts or ends, so
-    measuring does not stall the GPU. A summary is written as JSON at the end of fit: to ``json_path``, or
-    ``stopwatch.json`` in the logger's directory.
+    measuring does not stall the GPU. Milestones of the start (fit start: imports, data and model built; step 1 done:
+    first compilation; step ``warmup_steps`` done) and each validation's duration (with the text sample's share) show
+    where the time before the first evaluation goes. A summary is written as JSON at the end of fit: to
+    ``json_path``, or ``stopwatch.json`` in the logger's directory.
 
     Args:
         warmup_steps: training steps left out of the throughput measurement.
@@ -47,6 +49,14 @@ class Stopwatch(L.Callback):
         self._tokens = 0
         self._train_time = 0.0
         self._segment: float | None = None
+        self.milestones: dict[str, float] = {}
+        self._val_start: float | None = None
+        self._val_epoch_end: float | None = None
+
+    def _mark(self, trainer: L.Trainer, name: str, text: str) -> None:
+        self.milestones[name] = round(time.time() - self.start, 2)
+        if trainer.is_global_zero:
+            print(f"[stopwatch] {text} at {self.milestones[name]:.1f} s since process start", flush=True)
 
     @staticmethod
     def _sync(trainer: L.Trainer) -> None:
@@ -59,21 +69,29 @@ class Stopwatch(L.Callback):
             self._train_time += time.perf_counter() - self._segment
             self._segment = None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._mark(trainer, "fit_start", "fit start (imports, data, model built)")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._segment is None and trainer.global_step >= self.warmup_steps:
             self._sync(trainer)
             self._segment = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step in (1, self.warmup_steps) and trainer.is_global_zero:
-            print(f"[stopwatch] step {trainer.global_step} done at {time.time() - self.start:.1f} s since process "
-                  f"start", flush=True)
+        if trainer.global_step in (1, self.warmup_steps) and f"step_{trainer.global_step}" not in self.milestones:
+            self._mark(trainer, f"step_{trainer.global_step}", f"step {trainer.global_step} done")
         if self._segment is not None:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             self._tokens += x.numel() * trainer.world_size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._close(trainer)
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # Runs before the task's own hook, which generates the text sample.
+        self._sync(trainer)
+        self._val_epoch_end = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close(trainer)
@@ -87,17 +105,24 @@ class Stopwatch(L.Callback):
             return
         row = {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val_loss"]),
                "elapsed_s": round(time.time() - self.start, 2)}
+        now = time.perf_counter()
+        if self._val_start is not None:
+            row["val_s"] = round(now - self._val_start, 3)  # the whole validation, text sample included
+        if self._val_epoch_end is not None:
+            row["sample_s"] = round(now - self._val_epoch_end, 3)  # the text sample (and epoch-end logging)
         self.evaluations.append(row)
         if trainer.is_global_zero:
             tps = self.tokens_per_second
             extra = f", train {tps:,.0f} tokens/s" if tps else ""
+            if "val_s" in row:
+                extra += f", validation took {row['val_s']:.2f} s (sample {row.get('sample_s', 0.0):.2f} s)"
             print(f"[stopwatch] step {row['step']}: val_loss {row['val_loss']:.4f} at {row['elapsed_s']:.1f} s "
                   f"since process start{extra}", flush=True)
 
     def summary(self) -> dict:
         best = min((e["val_loss"] for e in self.evaluations), default=None)
         return {"evaluations": self.evaluations, "best_val_loss": best, "train_tokens_per_s": self.tokens_per_second,
-                "total_s": round(time.time() - self.start, 2)}
+                "milestones": self.milestones, "total_s": round(time.time() - self.start, 2)}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         path = self.json_path or (Path(trainer.log_dir) / "stopwatch.json" if trainer.log_dir else None)

@@ -1,19 +1,27 @@
 """The ``mmgen`` command: ``fit``/``validate``/``test``/``predict`` go to LightningCLI (:mod:`mmgen.config`);
-``plugins`` and ``generate`` are mmgen's own tools."""
+the tools in :data:`TOOLS` (``plugins``, ``generate``) are mmgen's own."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
+from collections.abc import Callable
 
 from mmgen import plugins
 
-__all__ = ["main"]
+__all__ = ["TOOLS", "main", "tool_description"]
+
+
+def tool_description(tool: Callable[[list[str]], int]) -> str:
+    """A tool's one-line description for `mmgen --help`: the first line of its docstring."""
+    return (inspect.getdoc(tool) or "").partition("\n")[0]
 
 
 def _plugins(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="mmgen plugins", description="List installed mmgen plugins.").parse_args(argv)
+    """List the installed mmgen plugins and the modality names they register."""
+    argparse.ArgumentParser(prog="mmgen plugins", description=tool_description(_plugins)).parse_args(argv)
     rows = plugins.plugin_info()
     if not rows:
         print("no mmgen plugins installed")
@@ -25,7 +33,8 @@ def _plugins(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmgen generate", description="Generate text from a language-model checkpoint.")
+    """Generate text from a language-model checkpoint."""
+    p = argparse.ArgumentParser(prog="mmgen generate", description=tool_description(_generate))
     p.add_argument("--ckpt", required=True, help="checkpoint path")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=500)
@@ -35,12 +44,28 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--unknown", choices=["error", "unk"], default=None,
+                   help="a prompt character outside the vocabulary: error, or map it to <unk> (default: the "
+                        "checkpoint's setting)")
     a = p.parse_args(argv)
     import torch
 
     from mmgen.api import load
+    from mmgen.modality import VocabularyError
+    from mmgen.sampling import check_sampling
 
+    check_sampling(temperature=a.temperature, top_p=a.top_p)  # before anything is written
     model = load(a.ckpt, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.unknown is not None:
+        if not hasattr(model.text, "unknown"):
+            raise ValueError(f"--unknown: this checkpoint's tokenizer {type(model.text).__name__} has no `unknown` "
+                             f"setting")
+        model.text.unknown = a.unknown
+    try:  # before anything is written: a bad prompt leaves stdout empty
+        model.text.encode(a.prompt)
+    except VocabularyError as exc:
+        hint = str(exc).replace("set `unknown: unk`", "pass `--unknown unk`")
+        raise VocabularyError(f"prompt: {hint}") from None
     sys.stdout.write(a.prompt)
 
     def stream(piece: str) -> None:
@@ -56,7 +81,17 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"plugins": _plugins, "generate": _generate}
+# mmgen's own tools: name -> function(argv) -> exit status. `main` runs them; `mmgen --help` lists them beside
+# LightningCLI's subcommands, described by the first line of each function's docstring.
+def _transcribe(argv: list[str]) -> int:
+    """Transcribe sound files with a speech-recognition checkpoint (one line per file, and the real-time factor)."""
+    from mmgen.transcribe import transcribe_command
+
+    return transcribe_command(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"plugins": _plugins, "generate": _generate,
+                                                 "transcribe": _transcribe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AudioSpec", "Batch", "ImageSpec", "LMHead", "Modality", "TextModality", "TextSpec", "TokenEmbedding",
+__all__ = ["AudioFileError", "AudioModality", "AudioSpec", "Batch", "ImageSpec", "LMHead", "Modality", "TextModality", "TextSpec", "TokenEmbedding",
            "VocabularyError"]
 
 
 class VocabularyError(ValueError):
     """Text holds symbols the vocabulary does not have."""
+
+
+class AudioFileError(ValueError):
+    """An audio file cannot be used: unreadable, corrupt, empty or too short; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -176,3 +180,43 @@ class TextModality(Modality):
 
     def head(self, d_model: int, adapter: nn.Module | None = None) -> nn.Module:
         return LMHead(d_model, self.spec.vocab_size, adapter if isinstance(adapter, TokenEmbedding) else None)
+
+
+class AudioModality(Modality):
+    """An audio modality: a sound file (or a waveform) -> feature frames (s, num_features) -> tokens (b, s', d).
+
+    The adapter returned by :meth:`adapter` is called as ``adapter(values, mask)`` on a padded :class:`Batch` of
+    features and returns ``(tokens, mask)``: it may reduce time (``spec.subsampling``), and
+    :meth:`output_lengths` says to how many tokens.
+    """
+
+    kind: ClassVar[str] = "audio"
+
+    @property
+    @abstractmethod
+    def spec(self) -> AudioSpec:
+        """Sample rate, feature width, frame rate and the adapter's subsampling."""
+
+    @abstractmethod
+    def load(self, path: Any) -> Tensor:
+        """A sound file -> mono waveform (n,) float32 at ``spec.sample_rate``; :class:`AudioFileError` names a bad
+        file."""
+
+    @abstractmethod
+    def num_frames(self, num_samples: int) -> int:
+        """Feature frames of a waveform of ``num_samples`` samples at ``spec.sample_rate``."""
+
+    @abstractmethod
+    def output_lengths(self, frames: Tensor) -> Tensor:
+        """Tokens the adapter makes of utterances of ``frames`` feature frames (int tensor in, int tensor out)."""
+
+    def tokens_for(self, seconds: float) -> int:
+        """Tokens the adapter makes of a clip of ``seconds`` seconds."""
+        frames = self.num_frames(round(seconds * self.spec.sample_rate))
+        return int(self.output_lengths(torch.tensor([frames]))[0])
+
+    def collate(self, features: Sequence[Tensor]) -> Batch:
+        values = nn.utils.rnn.pad_sequence(list(features), batch_first=True, padding_value=0.0)
+        lengths = torch.tensor([len(f) for f in features])
+        mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]
+        return Batch(values, mask)

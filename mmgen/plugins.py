@@ -75,6 +75,7 @@ def load_plugins() -> pluggy.PluginManager:
         if not _allowed(ep) or pm.get_plugin(ep.name) is not None:
             continue
         dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else (None, None)
+        _dists[ep.name] = dist  # also for a plugin that fails: `mmgen plugins` names its distribution with the error
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
@@ -82,8 +83,6 @@ def load_plugins() -> pluggy.PluginManager:
         except Exception as exc:  # one broken plugin must not take the others down
             pm.unregister(name=ep.name)  # no-op unless it got (half) registered
             _report(ep.name, f"failed to load entry point {ep.value!r} from {dist[0]}: {type(exc).__name__}: {exc}")
-            continue
-        _dists[ep.name] = dist
     pm.check_pending()
     return pm
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sample_next"]
+__all__ = ["check_sampling", "sample_next"]
+
+
+def check_sampling(*, temperature: float = 1.0, top_p: float | None = None) -> None:
+    """Check sampling settings up front (``mmgen generate`` does, before it writes anything): a ``ValueError`` saying
+    what is accepted, with the same wording as :func:`sample_next`'s."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}; accepted: >= 0 (0 is greedy)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}; accepted: 0 < top_p <= 1")
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

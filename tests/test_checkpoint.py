@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 
 import mmgen
 from mmgen.checkpoint import CheckpointError
+from mmgen.data import TextDataModule
 from mmgen.modality import VocabularyError
 from mmgen.tasks import LanguageModel
-from tests.conftest import VERSE, fit
+from mmgen_text import CharTokenizer
+from tests.conftest import VERSE, fit, tiny_model
 
 
 @pytest.fixture
@@ -99,3 +102,20 @@ def test_resume_with_different_vocabulary_is_refused(tmp_path, corpus) -> None:
 def test_init_from_with_another_architecture(trained, tmp_path, corpus) -> None:
     with pytest.raises(CheckpointError, match="do not fit"):
         fit(tmp_path / "x", corpus, 1, init_from=str(trained), d_model=64)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluating_with_different_vocabulary_says_cannot_evaluate(stage, tmp_path, corpus) -> None:
+    trainer, _, _ = fit(tmp_path / "a", corpus, 2)
+    other = tmp_path / "other.txt"
+    other.write_text(VERSE.upper() * 20)
+    dm = TextDataModule(CharTokenizer(), path=str(other), batch_size=4, val_batches=2, seed=7)
+    model = tiny_model(dm.modalities["text"])
+    evaluate = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(CheckpointError) as err:
+        getattr(evaluate, stage)(model, datamodule=dm, ckpt_path=str(tmp_path / "a" / "last.ckpt"), verbose=False)
+    saved, built = len(set(VERSE)), len(set(VERSE.upper()))
+    assert str(err.value) == (
+        f"cannot evaluate the checkpoint on this data: the checkpoint's vocabulary differs from the one built from "
+        f"this data ({saved} vs {built} characters); to {stage} it on other text load its weights and vocabulary "
+        f"with `--model.init_from CKPT` instead of `--ckpt_path`")

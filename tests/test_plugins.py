@@ -377,6 +377,11 @@ def test_broken_plugin_distributions_are_reported_and_others_still_list(broken_s
     assert "plugin 'broken'" in cli.stderr and "mmgen_broken_import needs a library" in cli.stderr
     assert "ERROR:" in lines["broken"] and "mmgen-broken-import" in lines["broken"]
     assert "ImportError: mmgen_broken_import needs a library that is not installed" in lines["broken"]
+    # listed under its distribution and version, not as an in-process plugin
+    assert lines["broken"] == ("broken: mmgen-broken-import 0.0.1; modalities: -; ERROR: failed to load entry point "
+                               "'mmgen_broken_import' from mmgen-broken-import: ImportError: mmgen_broken_import "
+                               "needs a library that is not installed")
+    assert lines["future"].startswith("future: mmgen-future-hook 0.0.1; modalities: -; ERROR: failed to load")
     # the plugin with a hook this mmgen does not define: reported and skipped, without taking the others down
     assert "plugin 'future'" in cli.stderr
     assert "ERROR:" in lines["future"] and "mmgen_register_something_new" in lines["future"]
@@ -402,6 +407,8 @@ def test_broken_plugin_distributions_in_process(broken_site, monkeypatch, capsys
     assert {"broken", "future", "text"} <= set(rows)
     assert rows["future"]["modalities"] == [] and "unknown hook" in rows["future"]["error"]
     assert "ImportError" in rows["broken"]["error"]
+    assert (rows["broken"]["distribution"], rows["broken"]["version"]) == ("mmgen-broken-import", "0.0.1")
+    assert (rows["future"]["distribution"], rows["future"]["version"]) == ("mmgen-future-hook", "0.0.1")
     err = capsys.readouterr().err
     assert "'broken'" in err and "'future'" in err
     with pytest.raises(plugins.PluginError, match="plugin 'broken' failed"):
@@ -442,3 +449,22 @@ def test_mmgen_plugins_command_reports_a_name_clash(capsys):
     assert main(["plugins"]) == 2
     err = capsys.readouterr().err
     assert "mmgen plugins: error:" in err and "'impostor'" in err and "'text'" in err
+
+
+@pytest.mark.parametrize("tokenizer", [[], ["--data.tokenizer", "mmgen_text.CharTokenizer"]],
+                         ids=["short name", "full class path"])
+def test_fit_with_a_name_clash_stops_at_start_naming_both_plugins(tokenizer, capsys):
+    from mmgen.cli import main
+    from mmgen.config import cli_main
+
+    recipe = str(REPO / "recipes/text/shakespeare_char_cpu.yaml")
+    register(FakePlugin(make_modality("CharTokenizer")), "impostor")
+    expected = (f"modality name 'CharTokenizer' is registered by two plugins: plugin 'impostor' (not installed as a "
+                f"distribution) and plugin 'text' (mmgen {MMGEN_VERSION}); uninstall one or restrict loading with "
+                f"{plugins.ENV_RESTRICT}")
+    with pytest.raises(plugins.PluginError) as info:
+        cli_main(["fit", "--config", recipe, *tokenizer, "--trainer.max_steps", "1"])
+    assert str(info.value) == expected
+    assert main(["fit", "--config", recipe, *tokenizer, "--trainer.max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mmgen: error: {expected}\n"  # before the parser runs: no "Multiple subclasses", no training

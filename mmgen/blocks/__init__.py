@@ -1,7 +1,8 @@
-"""Shared attention blocks: one multi-head attention, Transformer blocks and stacks."""
+"""Shared attention blocks: one multi-head attention, Transformer and Conformer blocks and stacks."""
 
 from mmgen.blocks.attention import KVCache, MultiHeadAttention, combine_masks
+from mmgen.blocks.conformer import ConformerBlock, ConformerStack, ConvModule, sinusoidal_positions
 from mmgen.blocks.transformer import DecoderCache, FeedForward, TransformerBlock, TransformerStack
 
-__all__ = ["DecoderCache", "FeedForward", "KVCache", "MultiHeadAttention", "TransformerBlock", "TransformerStack",
-           "combine_masks"]
+__all__ = ["ConformerBlock", "ConformerStack", "ConvModule", "DecoderCache", "FeedForward", "KVCache",
+           "MultiHeadAttention", "TransformerBlock", "TransformerStack", "combine_masks", "sinusoidal_positions"]

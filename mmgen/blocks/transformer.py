@@ -16,12 +16,16 @@ __all__ = ["DecoderCache", "FeedForward", "TransformerBlock", "TransformerStack"
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP ``d -> d_ff -> d`` with GELU."""
+    """Position-wise MLP ``d -> d_ff -> d`` with GELU (or SiLU, the Conformer's Swish)."""
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0,
+                 activation: str = "gelu") -> None:
         super().__init__()
+        acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+        if activation not in acts:
+            raise ValueError(f"activation={activation!r}; accepted: {', '.join(acts)}")
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
-        self.act = nn.GELU()
+        self.act = acts[activation]()
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 

@@ -169,6 +169,10 @@ class TextDataModule(L.LightningDataModule):
                            self.seed, stream=VAL_STREAM, start=rank, stride=world)
         return DataLoader(ds, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
 
+    def test_dataloader(self) -> DataLoader:
+        """The validation windows (the same fixed, seeded set): ``mmgen test`` reports on the held-out split."""
+        return self.val_dataloader()
+
     def state_dict(self) -> dict[str, int]:
         # Windows consumed so far, read from the loop rather than the (prefetching) loader.
         consumed = 0

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
 from mmgen.modality import Modality
 
-__all__ = ["log_text", "require_role"]
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
+
+__all__ = ["log_image", "log_text", "require_role"]
 
 
 def require_role(task: L.LightningModule, modalities: dict[str, Modality], role: str, kind: type) -> Any:
@@ -38,3 +42,24 @@ def log_text(task: L.LightningModule, tag: str, text: str) -> None:
             with path.open("a", encoding="utf-8") as f:
                 f.write(f"=== step {step} ===\n{text}\n")
     task.print(f"[{tag} @ step {step}]\n{text}")
+
+
+def log_image(task: L.LightningModule, tag: str, image: "np.ndarray | Tensor") -> None:
+    """Send a uint8 image (h, w) or (h, w, 3) to every logger that takes images (TensorBoard, W&B) and save it as a
+    PNG beside the logs (``<log_dir>/<tag>/step_<step>.png``)."""
+    import torch
+    from torchvision.io import write_png
+
+    img = torch.as_tensor(image)
+    chw = img[None] if img.dim() == 2 else img.permute(2, 0, 1)  # shape: (c, h, w)
+    step = task.global_step
+    for logger in task.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=tag, images=[img.numpy()], step=step)
+        elif hasattr(experiment, "add_image"):
+            experiment.add_image(tag, chw, global_step=step)
+        if getattr(logger, "log_dir", None):
+            path = Path(logger.log_dir) / tag / f"step_{step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(chw.contiguous(), str(path))

@@ -81,6 +81,9 @@ class LanguageModel(L.LightningModule):
         compile: ``torch.compile`` the network for training on a GPU (ignored on the CPU, where compiling costs more
             than it saves for runs this size).
         compile_mode: ``torch.compile`` mode; ``reduce-overhead`` replays CUDA graphs, cutting kernel-launch time.
+        compile_eval: run validation through the compiled network too; off by default, since validation's
+            eval-mode, gradient-free graph is a second compilation that costs more time on a cold start than its
+            batches save.
         init_from: a checkpoint whose weights and modality state start this run (fine-tuning); the optimiser
             starts fresh. Resuming a run is ``--ckpt_path`` instead.
         sample_prompt: prompt of the text generated at every validation.
@@ -95,7 +98,8 @@ class LanguageModel(L.LightningModule):
                  lr_decay_steps: int = 5000, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.99),
                  compile: bool = False,
                  compile_mode: Literal["default", "reduce-overhead", "max-autotune",
-                                       "max-autotune-no-cudagraphs"] = "default", init_from: str | None = None, sample_prompt: str = "\n",
+                                       "max-autotune-no-cudagraphs"] = "default", compile_eval: bool = False,
+                 init_from: str | None = None, sample_prompt: str = "\n",
                  sample_tokens: int = 200, sample_temperature: float = 0.8, sample_top_k: int | None = 200) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["modalities", "init_from"])
@@ -117,9 +121,9 @@ class LanguageModel(L.LightningModule):
             if self.hparams.compile:
                 self.net.compile(mode=self.hparams.compile_mode)  # in place: parameter names (and checkpoints) stay those of the plain module
 
-    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def _loss(self, batch: tuple[Tensor, Tensor], eager: bool = False) -> Tensor:
         x, y = batch
-        logits = self.net(x)  # shape: (b, s, v)
+        logits = self.net.forward(x) if eager else self.net(x)  # shape: (b, s, v); .forward skips the compiled graph
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.reshape(-1))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -130,7 +134,11 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), sync_dist=True)
+        self.log("val_loss", self._loss(batch, eager=not self.hparams.compile_eval), sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # `mmgen test`: the data module's test windows are its fixed validation windows, so test_loss == val_loss.
+        self.log("test_loss", self._loss(batch, eager=not self.hparams.compile_eval), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.hparams.sample_tokens or not self.trainer.is_global_zero:
@@ -167,13 +175,22 @@ class LanguageModel(L.LightningModule):
         checkpoint[ckpt_io.KEY] = ckpt_io.record(self, {"text": self.text})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Resuming: the vocabulary built from today's data must be the one the weights were trained with.
+        # `--ckpt_path` (resuming, or evaluating with validate/test): the vocabulary built from today's data must be
+        # the one the weights were trained with.
         saved = checkpoint.get(ckpt_io.KEY, {}).get("modalities", {}).get("text", {}).get("state")
-        if saved is not None and saved != self.text.state_dict():
+        if saved is None or saved == self.text.state_dict():
+            return
+        sizes = f"({len(saved.get('chars', ''))} vs {len(self.text.state_dict().get('chars', ''))} characters)"
+        fn = self._trainer.state.fn if self._trainer is not None else None
+        stage = str(getattr(fn, "value", fn))  # "fit", "validate", "test" or "predict"
+        if stage in ("validate", "test", "predict"):
             raise ckpt_io.CheckpointError(
-                "cannot resume: the checkpoint's text vocabulary differs from the one built from this data "
-                f"({len(saved.get('chars', ''))} vs {len(self.text.state_dict().get('chars', ''))} characters); "
-                "to train on new data start from its weights with `--model.init_from` instead")
+                f"cannot evaluate the checkpoint on this data: the checkpoint's vocabulary differs from the one built "
+                f"from this data {sizes}; to {stage} it on other text load its weights and vocabulary with "
+                f"`--model.init_from CKPT` instead of `--ckpt_path`")
+        raise ckpt_io.CheckpointError(
+            f"cannot resume: the checkpoint's text vocabulary differs from the one built from this data {sizes}; "
+            "to train on new data start from its weights with `--model.init_from` instead")
 
     # ---- generation ----
     @torch.inference_mode()

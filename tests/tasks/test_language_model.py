@@ -92,3 +92,11 @@ def test_training_lowers_validation_loss(tmp_path, corpus) -> None:
     trainer, model, dm = fit(tmp_path, corpus, 60, learning_rate=3e-3, lr_decay_steps=60)
     after = trainer.callback_metrics["val_loss"].item()
     assert after < before - 0.8, (before, after)
+
+
+def test_test_step_logs_test_loss_on_the_validation_windows(tmp_path, corpus) -> None:
+    trainer, model, dm = fit(tmp_path, corpus, 3)
+    val = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
+    test = trainer.test(model, datamodule=dm, verbose=False)[0]["test_loss"]
+    assert test == val  # the same fixed, seeded windows of the validation split
+    assert [torch.equal(a[0], b[0]) for a, b in zip(dm.test_dataloader(), dm.val_dataloader())] == [True, True]

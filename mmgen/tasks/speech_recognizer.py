@@ -1,0 +1,405 @@
+"""Speech recognition: an attention encoder over audio frames, a CTC head and an attention decoder, trained jointly.
+
+Roles: ``source`` (an :class:`~mmgen.modality.AudioModality`, e.g. ``LogMelFrames``) and ``target`` (a
+:class:`~mmgen.modality.TextModality`, e.g. ``CharTokenizer``). The CTC blank is the target's pad id, which never
+occurs inside a transcript.
+
+Notation: ``b`` batch, ``t`` encoder frames, ``s`` target length, ``d`` model width, ``v`` vocabulary, ``k`` beam.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.text import word_error_rate
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from mmgen import checkpoint as ckpt_io
+from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
+from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search, min_ctc_frames
+from mmgen.modality import AudioModality, Batch, Modality, TextModality
+from mmgen.tasks.common import log_image, log_text, require_role
+from mmgen.tasks.language_model import cosine_schedule
+
+__all__ = ["ASRNet", "SpeechRecognizer"]
+
+Decoding = Literal["ctc_greedy", "ctc_beam", "attention"]
+
+
+class ASRNet(nn.Module):
+    """Audio adapter -> encoder (Transformer or Conformer) -> CTC head; text embedding -> decoder with
+    cross-attention to the encoder -> (tied) output head."""
+
+    def __init__(self, source: AudioModality, target: TextModality, d_model: int, num_heads: int,
+                 encoder_layers: int, decoder_layers: int, d_ff: int | None, encoder: str, conv_kernel_size: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.frontend = source.adapter(d_model)
+        self.drop = nn.Dropout(dropout)
+        if encoder == "conformer":
+            self.encoder = ConformerStack(encoder_layers, d_model, num_heads, d_ff, kernel_size=conv_kernel_size,
+                                          dropout=dropout)
+        elif encoder == "transformer":
+            self.encoder = TransformerStack(encoder_layers, d_model, num_heads, d_ff, bias=True, dropout=dropout)
+        else:
+            raise ValueError(f"encoder={encoder!r}; accepted: 'transformer' or 'conformer'")
+        vocab = target.spec.vocab_size
+        self.ctc_head = nn.Linear(d_model, vocab)
+        self.embed = target.adapter(d_model)
+        self.decoder = TransformerStack(decoder_layers, d_model, num_heads, d_ff, causal=True, cross_attention=True,
+                                        bias=True, dropout=dropout)
+        self.head = target.head(d_model, self.embed)
+
+    def encode(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """features (b, frames, f), mask (b, frames) -> memory (b, t, d), memory mask (b, t)."""
+        x, mask = self.frontend(features, mask)
+        x = x * math.sqrt(self.d_model) + sinusoidal_positions(x.shape[1], self.d_model, device=x.device).to(x.dtype)
+        return self.encoder(self.drop(x), key_padding_mask=mask), mask
+
+    def decode(self, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
+               cache: DecoderCache | None = None) -> Tensor:
+        """ids (b, s) -> logits (b, s, v); with a cache, ``ids`` continue what it holds (memory is in the cache)."""
+        offset = 0 if cache is None else cache.length
+        x = self.embed(ids) * math.sqrt(self.d_model)
+        x = x + sinusoidal_positions(ids.shape[1], self.d_model, offset, device=ids.device).to(x.dtype)
+        return self.head(self.decoder(self.drop(x), memory=memory, memory_mask=memory_mask, cache=cache))
+
+
+class SpeechRecognizer(L.LightningModule):
+    """Joint CTC / attention speech recogniser.
+
+    Args:
+        modalities: by role, linked from the data module: ``source`` (audio) and ``target`` (text).
+        d_model: model width.
+        num_heads: attention heads.
+        encoder_layers: encoder blocks.
+        decoder_layers: attention-decoder blocks.
+        d_ff: feed-forward width; default ``4 * d_model``.
+        encoder: ``transformer`` (pre-norm blocks) or ``conformer`` (adds a convolution module to each block).
+        conv_kernel_size: the Conformer's depthwise convolution width (odd).
+        dropout: dropout in attention, feed-forward and embeddings.
+        ctc_weight: weight of the CTC loss; the attention decoder's cross-entropy gets ``1 - ctc_weight``.
+        label_smoothing: label smoothing of the decoder's cross-entropy.
+        learning_rate: peak learning rate (AdamW).
+        min_learning_rate: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup steps.
+        lr_decay_steps: step at which the cosine decay reaches ``min_learning_rate``.
+        weight_decay: AdamW weight decay on 2-D weights.
+        betas: AdamW betas.
+        decoding: how validation, test and :meth:`transcribe` decode: ``ctc_greedy``, ``ctc_beam`` (CTC prefix beam
+            search) or ``attention`` (attention beam search, the n-best rescored with CTC).
+        beam_size: beam width of the beam searches.
+        ctc_rescore_weight: weight of the CTC log-likelihood when rescoring the attention n-best.
+        max_target_length: longest transcript the attention decoder may produce.
+        log_transcripts: transcripts (with their errors) logged at every validation.
+        init_from: a checkpoint whose weights and modality state start this run (fine-tuning); the optimiser starts
+            fresh. Resuming a run is ``--ckpt_path`` instead.
+    """
+
+    def __init__(self, modalities: dict[str, Modality], d_model: int = 144, num_heads: int = 4,
+                 encoder_layers: int = 6, decoder_layers: int = 2, d_ff: int | None = None,
+                 encoder: Literal["transformer", "conformer"] = "transformer", conv_kernel_size: int = 15,
+                 dropout: float = 0.1, ctc_weight: float = 0.3, label_smoothing: float = 0.1,
+                 learning_rate: float = 1e-3, min_learning_rate: float = 1e-5, warmup_steps: int = 300,
+                 lr_decay_steps: int = 5000, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.98),
+                 decoding: Decoding = "attention", beam_size: int = 4, ctc_rescore_weight: float = 0.3,
+                 max_target_length: int = 300, log_transcripts: int = 6, init_from: str | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight={ctc_weight}; accepted: a number from 0 (attention only) to 1 (CTC only)")
+        self.save_hyperparameters(ignore=["modalities", "init_from"])
+        self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
+        self.target: TextModality = require_role(self, modalities, "target", TextModality)
+        init = None
+        if init_from:
+            init = ckpt_io.read(init_from)
+            self._adopt_modalities(init, init_from)
+        self.net = ASRNet(self.source, self.target, d_model, num_heads, encoder_layers, decoder_layers, d_ff,
+                          encoder, conv_kernel_size, dropout)
+        if init is not None:
+            try:
+                self.load_state_dict(init["state_dict"])
+            except RuntimeError as exc:
+                raise ckpt_io.CheckpointError(
+                    f"init_from {init_from}: its weights do not fit this model; use the checkpoint's architecture "
+                    f"settings ({exc})".replace("\n", " ")) from None
+        self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
+        self.test_wer, self.test_cer = WordErrorRate(), CharErrorRate()
+        self._shown: list[tuple[str, str]] = []
+
+    def _adopt_modalities(self, init: dict, path: str) -> None:
+        records = init[ckpt_io.KEY]["modalities"]
+        saved = ckpt_io.restore_modality(records["source"])
+        if saved.spec != self.source.spec:
+            raise ckpt_io.CheckpointError(f"init_from {path}: the checkpoint's audio features are {saved.spec}, this "
+                                          f"run's are {self.source.spec}; use the checkpoint's source settings")
+        ckpt_io.restore_modality(records["source"], into=self.source)
+        ckpt_io.restore_modality(records["target"], into=self.target)
+
+    @property
+    def blank_id(self) -> int:
+        spec = self.target.spec
+        return spec.blank_id if spec.blank_id is not None else spec.pad_id
+
+    # ---- training ----
+    def _losses(self, batch: dict) -> dict[str, Tensor]:
+        src: Batch = batch["source"]
+        tgt: Batch = batch["target"]
+        memory, mask = self.net.encode(src.values, src.mask)
+        spec = self.target.spec
+        b = tgt.values.shape[0]
+        # CTC over the encoder frames.
+        log_probs = self.net.ctc_head(memory).float().log_softmax(dim=-1)  # shape: (b, t, v)
+        in_lengths, out_lengths = mask.sum(dim=1), tgt.lengths
+        need = torch.tensor([min_ctc_frames(row[:n]) for row, n in zip(tgt.values.tolist(), out_lengths.tolist())],
+                            device=in_lengths.device)
+        feasible = in_lengths >= need  # an utterance too short for its transcript has no CTC alignment at all
+        keep = feasible.nonzero().squeeze(1)  # only the feasible rows: an infinite loss would poison the gradient
+        ctc = F.ctc_loss(log_probs[keep].transpose(0, 1), tgt.values[keep], in_lengths[keep], out_lengths[keep],
+                         blank=self.blank_id, reduction="sum") / max(len(keep), 1)
+        # Attention decoder, teacher-forced: <bos> y -> y <eos>.
+        bos = torch.full((b, 1), spec.bos_id, dtype=tgt.values.dtype, device=tgt.values.device)
+        pad = torch.full((b, 1), spec.pad_id, dtype=tgt.values.dtype, device=tgt.values.device)
+        inputs = torch.cat([bos, tgt.values], dim=1)
+        labels = torch.cat([tgt.values, pad], dim=1)
+        labels[torch.arange(b), out_lengths] = spec.eos_id
+        logits = self.net.decode(inputs, memory, mask)  # shape: (b, s + 1, v)
+        att = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=spec.pad_id,
+                              label_smoothing=self.hparams.label_smoothing, reduction="sum") / b
+        w = self.hparams.ctc_weight
+        return {"loss": w * ctc + (1 - w) * att, "ctc": ctc, "att": att,
+                "ctc_infeasible": (~feasible).sum().float()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self._losses(batch)
+        b = batch["target"].values.shape[0]
+        show = self.trainer.progress_bar_callback is not None
+        self.log("train_loss", losses["loss"], prog_bar=show, batch_size=b)
+        self.log_dict({"train_ctc": losses["ctc"], "train_att": losses["att"]}, batch_size=b)
+        self.log("train_ctc_infeasible", losses["ctc_infeasible"], reduce_fx="sum", batch_size=b)
+        return losses["loss"]
+
+    def _evaluate(self, batch: dict, prefix: str, wer: WordErrorRate, cer: CharErrorRate) -> None:
+        losses = self._losses(batch)
+        b = batch["target"].values.shape[0]
+        self.log(f"{prefix}_loss", losses["loss"], batch_size=b, sync_dist=True)
+        hyps = self.recognize(batch["source"])
+        refs = batch["text"]
+        wer.update(hyps, refs)
+        cer.update(hyps, refs)
+        self.log(f"{prefix}_wer", wer, batch_size=b)
+        self.log(f"{prefix}_cer", cer, batch_size=b)
+        want = self.hparams.log_transcripts - len(self._shown)
+        self._shown.extend(list(zip(refs, hyps))[:max(want, 0)])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_wer, self.val_cer)
+        if batch_idx == 0 and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            src = batch["source"]
+            weights = self.attention_map(src.values[0, :int(src.lengths[0])], batch["text"][0])
+            log_image(self, "val_attention", render_attention(weights))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_wer, self.test_cer)
+
+    def on_validation_epoch_start(self) -> None:
+        self._shown = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _log_transcripts(self, tag: str) -> None:
+        if self.trainer.sanity_checking or not self._shown or not self.trainer.is_global_zero:
+            return
+        lines = []
+        for ref, hyp in self._shown:
+            errors = word_errors(ref, hyp)
+            lines.append(f"REF: {ref}\nHYP: {hyp}\n     {errors} word error(s) of {len(ref.split())}")
+        log_text(self, tag, "\n".join(lines))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_transcripts("val_transcripts")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_transcripts("test_transcripts")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=hp.learning_rate, betas=tuple(hp.betas))
+        ratio = hp.min_learning_rate / hp.learning_rate
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_schedule(
+            step, warmup_steps=hp.warmup_steps, decay_steps=hp.lr_decay_steps, min_ratio=ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[ckpt_io.KEY] = ckpt_io.record(self, {"source": self.source, "target": self.target})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(ckpt_io.KEY, {}).get("modalities", {}).get("target", {}).get("state")
+        if saved is not None and saved != self.target.state_dict():
+            raise ckpt_io.CheckpointError(
+                "cannot use this checkpoint with this data: its transcript vocabulary differs from the one built "
+                f"from these transcripts ({saved} vs {self.target.state_dict()}); to train on new data start from "
+                "its weights with `--model.init_args.init_from` instead")
+
+    # ---- recognition ----
+    @torch.inference_mode()
+    def recognize(self, features: Batch, decoding: Decoding | None = None, beam_size: int | None = None) -> list[str]:
+        """A padded batch of feature frames -> one transcript per utterance."""
+        decoding = decoding or self.hparams.decoding
+        beam_size = beam_size or self.hparams.beam_size
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            memory, mask = self.net.encode(features.values.to(self.device), features.mask.to(self.device))
+            log_probs = self.net.ctc_head(memory).float().log_softmax(dim=-1)
+            lengths = mask.sum(dim=1)
+            if decoding == "ctc_greedy":
+                ids = ctc_greedy(log_probs, lengths, self.blank_id)
+            elif decoding == "ctc_beam":
+                ids = [ctc_prefix_beam_search(lp[:n], self.blank_id, beam_size)[0][0]
+                       for lp, n in zip(log_probs, lengths.tolist())]
+            elif decoding == "attention":
+                ids = self._attention_beam_search(memory, mask, log_probs, beam_size)
+            else:
+                raise ValueError(f"decoding={decoding!r}; accepted: 'ctc_greedy', 'ctc_beam', 'attention'")
+        finally:
+            self.net.train(was_training)
+        return [self.target.decode(row) for row in ids]
+
+    @torch.inference_mode()
+    def attention_map(self, features: Tensor, text: str) -> Tensor:
+        """Cross-attention weights (s + 1, t) of the decoder's last block, averaged over heads, for one utterance
+        (features (frames, f)) teacher-forced with its transcript ``text``: rows are ``<bos>`` and its characters,
+        columns encoder frames."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            src = self.source.collate([features])
+            memory, mask = self.net.encode(src.values.to(self.device), src.mask.to(self.device))
+            ids = torch.cat([torch.tensor([self.target.spec.bos_id]), self.target.encode(text)])[None].to(self.device)
+            attn = self.net.decoder.blocks[-1].cross_attn
+            seen: dict = {}
+            handle = attn.register_forward_pre_hook(
+                lambda module, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+            try:
+                self.net.decode(ids, memory, mask)
+            finally:
+                handle.remove()
+            _, weights = attn(*seen["args"], **{**seen["kwargs"], "need_weights": True})
+        finally:
+            self.net.train(was_training)
+        return weights[0].mean(dim=0).float().cpu()
+
+    def _attention_beam_search(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor,
+                               k: int) -> list[list[int]]:
+        """Beam search over the attention decoder (the KV cache reordered as beams move), then the n-best of each
+        utterance rescored with ``(1 - λ) log p_att + λ log p_ctc``."""
+        spec = self.target.spec
+        b, t, _ = memory.shape
+        v = spec.vocab_size
+        device = memory.device
+        max_len = min(self.hparams.max_target_length, int(mask.sum(dim=1).max()) + 1)
+        rows = b * k
+        mem = memory.repeat_interleave(k, dim=0)
+        mem_mask = mask.repeat_interleave(k, dim=0)
+        cache = self.net.decoder.make_cache(rows, max_len + 1, memory=mem, memory_mask=mem_mask)
+        tokens = torch.full((rows, 1), spec.bos_id, dtype=torch.long, device=device)
+        scores = torch.full((b, k), -math.inf, device=device)
+        scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
+        finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
+        banned = [i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None]
+        pending = tokens
+        for step in range(max_len):
+            logits = self.net.decode(pending, None, None, cache)[:, -1].float()
+            logp = logits.log_softmax(dim=-1)
+            logp[:, banned] = -math.inf
+            cand = (scores.view(rows, 1) + logp).view(b, k * v)
+            top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
+            beam, tok = top_idx // v, top_idx % v
+            is_eos = tok == spec.eos_id
+            # Finished: <eos> among the best k candidates.
+            rank = torch.arange(2 * k, device=device)[None, :].expand(b, -1)
+            done = (is_eos & (rank < k) & top_scores.isfinite()).nonzero().tolist()
+            for i, j in done:
+                if len(finished[i]) < k:
+                    hyp = tokens[i * k + beam[i, j], 1:].tolist()
+                    finished[i].append((hyp, float(top_scores[i, j])))
+            # Live: the best k candidates that do not end.
+            order = (is_eos.float() * 4 * k + rank).argsort(dim=1)[:, :k]
+            keep_beam, keep_tok = beam.gather(1, order), tok.gather(1, order)
+            scores = top_scores.gather(1, order).masked_fill(is_eos.gather(1, order), -math.inf)
+            index = (torch.arange(b, device=device)[:, None] * k + keep_beam).view(-1)
+            cache.reorder(index)
+            tokens = torch.cat([tokens.index_select(0, index), keep_tok.view(-1, 1)], dim=1)
+            pending = keep_tok.view(-1, 1)
+            if all(len(f) >= k for f in finished):
+                break
+        for i in range(b):  # hypotheses that never ended compete as they stand
+            if len(finished[i]) < k:
+                for j in range(k):
+                    if scores[i, j].isfinite():
+                        finished[i].append((tokens[i * k + j, 1:].tolist(), float(scores[i, j])))
+            if not finished[i]:  # no finite score at all (a diverged model): an empty transcript
+                finished[i].append(([], -math.inf))
+        return self._ctc_rescore(finished, ctc_log_probs, mask.sum(dim=1))
+
+    def _ctc_rescore(self, nbest: list[list[tuple[list[int], float]]], log_probs: Tensor,
+                     lengths: Tensor) -> list[list[int]]:
+        lam = self.hparams.ctc_rescore_weight
+        if lam == 0.0:
+            return [max(hyps, key=lambda h: h[1])[0] for hyps in nbest]
+        owner = [i for i, hyps in enumerate(nbest) for _ in hyps]
+        flat = [h for hyps in nbest for h in hyps]
+        device = log_probs.device
+        targets = [torch.tensor(h[0] or [0], dtype=torch.long) for h in flat]  # an empty one is never read
+        target_lengths = torch.tensor([len(h[0]) for h in flat], device=device)
+        padded = nn.utils.rnn.pad_sequence(targets, batch_first=True).to(device)
+        idx = torch.tensor(owner, device=device)
+        nll = F.ctc_loss(log_probs.index_select(0, idx).transpose(0, 1), padded, lengths.index_select(0, idx),
+                         target_lengths, blank=self.blank_id, reduction="none")
+        best: list[tuple[float, list[int]] | None] = [None] * len(nbest)
+        for (hyp, att), i, ctc in zip(flat, owner, (-nll).tolist()):
+            score = (1 - lam) * att + lam * ctc
+            if best[i] is None or score > best[i][0]:
+                best[i] = (score, hyp)
+        return [h for _, h in best]
+
+    def transcribe(self, paths: Sequence[str | Path], *, decoding: Decoding | None = None,
+                   beam_size: int | None = None, batch_size: int = 16) -> list[str]:
+        """Sound files -> one transcript each, in order (files are batched by length)."""
+        feats = [self.source.encode(p) for p in paths]
+        order = sorted(range(len(feats)), key=lambda i: len(feats[i]))
+        out: list[str] = [""] * len(feats)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            texts = self.recognize(self.source.collate([feats[i] for i in chunk]), decoding, beam_size)
+            for i, text in zip(chunk, texts):
+                out[i] = text
+        return out
+
+
+def render_attention(weights: Tensor, scale: int = 6) -> Tensor:
+    """Attention weights (s, t) -> a uint8 image, each row scaled to its maximum, ``scale`` pixels per cell."""
+    img = weights / weights.amax(dim=1, keepdim=True).clamp_min(1e-8)
+    img = img.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
+    return (img * 255).round().to(torch.uint8)
+
+
+def word_errors(ref: str, hyp: str) -> int:
+    """Word-level edit distance (substitutions + deletions + insertions), from torchmetrics' WER."""
+    return round(float(word_error_rate([hyp], [ref])) * max(len(ref.split()), 1))

@@ -1,0 +1,239 @@
+"""mmgen's built-in audio plugin: sound files -> per-utterance normalised log-mel frames -> subsampled tokens.
+
+The processor (:class:`LogMelFrames`) reads WAV/FLAC with soundfile, mixes to mono, resamples with
+``torchaudio.functional.resample`` and computes log-mel features with ``torchaudio.transforms.MelSpectrogram``; the
+adapter (:class:`ConvSubsampling`) applies SpecAugment (torchaudio's frequency and time masking, in training only) and
+two stride-2 convolutions (x4 in time) into tokens of width d, with padding masks.
+
+Registered through the entry-point group ``mmgen`` in mmgen's own ``pyproject.toml``, as any third-party plugin is.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+from mmgen.hookspecs import hookimpl
+from mmgen.modality import AudioFileError, AudioModality, AudioSpec
+
+__all__ = ["ConvSubsampling", "LogMelFrames", "read_audio"]
+
+LOG_FLOOR = 1e-10  # power floor before the log: silence maps to a finite value
+
+
+def _wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """For a RIFF/WAVE file whose data chunk is cut short: (bytes its header promises, bytes present); else None.
+
+    libsndfile quietly reads what is there, so a truncated download would train on half a clip unnoticed.
+    """
+    with path.open("rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            declared = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                present = size - pos - 8
+                unknown = declared in (0, 0xFFFFFFFF)  # streaming writers leave the size open
+                return (declared, present) if not unknown and present < declared else None
+            pos += 8 + declared + (declared & 1)
+    return None
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Samples (n, channels) float32 and the sample rate of a sound file soundfile can read (WAV, FLAC, OGG...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"audio file not found: {path}")
+    if path.stat().st_size == 0:
+        raise AudioFileError(f"audio file {path} is empty (0 bytes); accepted: WAV or FLAC audio")
+    try:
+        with sf.SoundFile(path) as f:
+            expected = f.frames
+            samples = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioFileError(f"cannot read audio file {path}: {exc}; accepted: WAV or FLAC audio") from None
+    short = _wav_shortfall(path)
+    if short is not None or len(samples) < expected:
+        promised, present = short or (expected, len(samples))
+        unit = "bytes of audio" if short else "samples"
+        raise AudioFileError(f"audio file {path} is truncated: its header promises {promised} {unit}, the file "
+                             f"holds {present}")
+    if len(samples) == 0:
+        raise AudioFileError(f"audio file {path} has no samples; accepted: a clip with sound")
+    return samples, rate
+
+
+class LogMelFrames(AudioModality):
+    """Log-mel feature frames of mono audio at a fixed sample rate, normalised per utterance.
+
+    Args:
+        sample_rate: the model's rate; files at other rates are resampled, stereo is mixed down.
+        n_mels: mel bands per frame.
+        win_ms: analysis window in milliseconds.
+        hop_ms: frame hop in milliseconds (the frame rate is ``1000 / hop_ms``).
+        n_fft: FFT size; default the next power of two at or above the window.
+        spec_augment: SpecAugment in training (frequency and time masking; off in evaluation).
+        freq_masks: frequency masks per utterance.
+        freq_mask_width: largest frequency mask, in mel bands.
+        time_masks: time masks per utterance.
+        time_mask_width: largest time mask, in frames.
+        time_mask_ratio: largest fraction of a batch's frames one time mask may cover.
+        conv_channels: channels of the two subsampling convolutions.
+    """
+
+    def __init__(self, sample_rate: int = 16000, n_mels: int = 80, win_ms: float = 25.0, hop_ms: float = 10.0,
+                 n_fft: int | None = None, spec_augment: bool = True, freq_masks: int = 2,
+                 freq_mask_width: int = 15, time_masks: int = 2, time_mask_width: int = 20,
+                 time_mask_ratio: float = 0.1, conv_channels: int = 144) -> None:
+        if sample_rate <= 0 or n_mels <= 0 or win_ms <= 0 or hop_ms <= 0:
+            raise ValueError("sample_rate, n_mels, win_ms and hop_ms must be positive")
+        self.sample_rate, self.n_mels, self.win_ms, self.hop_ms = sample_rate, n_mels, win_ms, hop_ms
+        self.win_length = round(sample_rate * win_ms / 1000)
+        self.hop_length = round(sample_rate * hop_ms / 1000)
+        self.n_fft = n_fft if n_fft is not None else 2 ** math.ceil(math.log2(self.win_length))
+        if self.n_fft < self.win_length:
+            raise ValueError(f"n_fft={self.n_fft} is shorter than the window of {self.win_length} samples")
+        self.spec_augment, self.freq_masks, self.freq_mask_width = spec_augment, freq_masks, freq_mask_width
+        self.time_masks, self.time_mask_width, self.time_mask_ratio = time_masks, time_mask_width, time_mask_ratio
+        self.conv_channels = conv_channels
+        self._mel: nn.Module | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_mel": None}  # rebuilt on first use in a worker
+
+    @property
+    def spec(self) -> AudioSpec:
+        return AudioSpec(sample_rate=self.sample_rate, num_features=self.n_mels,
+                         frame_rate=self.sample_rate / self.hop_length, subsampling=4)
+
+    # ---- processing ----
+    def load(self, path: str | Path) -> Tensor:
+        samples, rate = read_audio(path)
+        wave = torch.from_numpy(samples.mean(axis=1))  # mix down to mono
+        if rate != self.sample_rate:
+            wave = torchaudio.functional.resample(wave, rate, self.sample_rate)
+        return wave
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop_length + 1  # MelSpectrogram's centred frames
+
+    def output_lengths(self, frames: Tensor) -> Tensor:
+        return ConvSubsampling.output_lengths(frames)
+
+    def features(self, wave: Tensor) -> Tensor:
+        """Mono waveform (n,) at the model's rate -> normalised log-mel frames (frames, n_mels)."""
+        if wave.numel() < self.win_length // 2 + 1:
+            raise AudioFileError(f"clip of {wave.numel()} samples is shorter than half a {self.win_ms} ms window")
+        if self._mel is None:
+            self._mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
+                hop_length=self.hop_length, n_mels=self.n_mels, power=2.0)
+        mel = self._mel(wave.float())  # shape: (n_mels, frames)
+        logmel = mel.clamp_min(LOG_FLOOR).log().T  # shape: (frames, n_mels)
+        mean = logmel.mean(dim=0, keepdim=True)
+        std = logmel.std(dim=0, keepdim=True, unbiased=False)
+        return (logmel - mean) / (std + 1e-5)
+
+    def encode(self, item: str | Path | tuple[Tensor, int]) -> Tensor:
+        """A file path, or ``(waveform, sample_rate)`` with waveform (n,) or (channels, n) -> (frames, n_mels)."""
+        if isinstance(item, tuple):
+            wave, rate = item
+            wave = torch.as_tensor(wave, dtype=torch.float32)
+            if wave.dim() == 2:
+                wave = wave.mean(dim=0)
+            if rate != self.sample_rate:
+                wave = torchaudio.functional.resample(wave, rate, self.sample_rate)
+            return self.features(wave)
+        wave = self.load(item)
+        try:
+            return self.features(wave)
+        except AudioFileError as exc:
+            raise AudioFileError(f"audio file {item}: {exc}") from None
+
+    def render(self, output: Tensor) -> np.ndarray:
+        """Feature frames (frames, n_mels) -> a grey image (n_mels, frames) uint8, low frequencies at the bottom."""
+        x = output.detach().float().cpu().T.flip(0)
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+        return (x * 255).round().to(torch.uint8).numpy()
+
+    # ---- model side ----
+    def adapter(self, d_model: int) -> nn.Module:
+        augment = None
+        if self.spec_augment:
+            augment = SpecAugment(self.freq_masks, self.freq_mask_width, self.time_masks, self.time_mask_width,
+                                  self.time_mask_ratio)
+        return ConvSubsampling(self.n_mels, d_model, self.conv_channels, augment)
+
+    def head(self, d_model: int, adapter: nn.Module | None = None) -> nn.Module:
+        raise NotImplementedError("LogMelFrames is an input modality (speech recognition's source); it has no "
+                                  "output head")
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment's frequency and time masking (torchaudio's transforms), a fresh mask for every utterance."""
+
+    def __init__(self, freq_masks: int, freq_mask_width: int, time_masks: int, time_mask_width: int,
+                 time_mask_ratio: float) -> None:
+        super().__init__()
+        self.freq = nn.ModuleList(torchaudio.transforms.FrequencyMasking(freq_mask_width, iid_masks=True)
+                                  for _ in range(freq_masks))
+        self.time = nn.ModuleList(torchaudio.transforms.TimeMasking(time_mask_width, iid_masks=True,
+                                                                    p=time_mask_ratio) for _ in range(time_masks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (b, frames, n_mels) -> the same with masked bands and spans set to 0 (the normalised mean)."""
+        y = x.transpose(1, 2)[:, None]  # shape: (b, 1, n_mels, frames), torchaudio's layout
+        for mask in (*self.freq, *self.time):
+            y = mask(y)
+        return y[:, 0].transpose(1, 2)
+
+
+class ConvSubsampling(nn.Module):
+    """Feature frames (b, t, f) -> tokens (b, ceil(ceil(t/2)/2), d): optional SpecAugment, two 3x3 stride-2
+    convolutions with ReLU, and a linear projection. Padded frames are zeroed before each convolution, so an
+    utterance gives the same tokens alone and inside a padded batch."""
+
+    def __init__(self, num_features: int, d_model: int, channels: int, augment: nn.Module | None = None) -> None:
+        super().__init__()
+        self.augment = augment
+        self.conv1 = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        f = (num_features + 1) // 2
+        self.proj = nn.Linear(channels * ((f + 1) // 2), d_model)
+
+    @staticmethod
+    def output_lengths(frames: Tensor) -> Tensor:
+        return ((frames + 1) // 2 + 1) // 2
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """x (b, t, f), mask (b, t) True on real frames -> tokens (b, t', d), mask (b, t')."""
+        if self.augment is not None and self.training:
+            x = self.augment(x)
+        lengths = mask.sum(dim=1)
+        x = (x * mask[..., None])[:, None]  # shape: (b, 1, t, f)
+        x = torch.relu(self.conv1(x))
+        half = (lengths + 1) // 2
+        x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < half[:, None])[:, None, :, None]
+        x = torch.relu(self.conv2(x))  # shape: (b, c, t', f')
+        out = self.output_lengths(lengths)
+        x = self.proj(x.permute(0, 2, 1, 3).flatten(2))  # shape: (b, t', d)
+        out_mask = torch.arange(x.shape[1], device=x.device)[None, :] < out[:, None]
+        return x * out_mask[..., None], out_mask
+
+
+@hookimpl
+def mmgen_register_modalities(register: Callable[[type], None]) -> None:
+    register(LogMelFrames)

@@ -1,0 +1,119 @@
+"""The audio-frame plugin: reading, mixing, resampling, log-mel features, SpecAugment and x4 subsampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from mmgen import plugins
+from mmgen.modality import AudioFileError, AudioSpec
+from mmgen_audio import ConvSubsampling, LogMelFrames
+
+from tests.speech.conftest import audio, tone, write_wav
+
+
+def test_registered_through_entry_point() -> None:
+    assert plugins.get_modality("LogMelFrames") is LogMelFrames
+    reg = plugins.registration_of(LogMelFrames)
+    assert reg.plugin == "audio" and reg.distribution == "mmgen"
+
+
+def test_features_are_torchaudio_log_mel_normalised_per_utterance(tmp_path: Path) -> None:
+    wave = tone(0.5, 8000)
+    path = write_wav(tmp_path / "a.wav", wave, 8000, subtype="FLOAT")
+    m = audio()
+    feats = m.encode(path)
+    mel = torchaudio.transforms.MelSpectrogram(8000, n_fft=256, win_length=200, hop_length=80, n_mels=40)
+    ref = mel(torch.from_numpy(wave)).clamp_min(1e-10).log().T
+    ref = (ref - ref.mean(0)) / (ref.std(0, unbiased=False) + 1e-5)
+    assert feats.shape == (4000 // 80 + 1, 40) == (m.num_frames(4000), 40)
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats.mean(0), torch.zeros(40), atol=1e-5, rtol=0)
+    assert m.spec == AudioSpec(sample_rate=8000, num_features=40, frame_rate=100.0, subsampling=4)
+
+
+def test_other_rate_is_resampled_and_stereo_mixed_down(tmp_path: Path) -> None:
+    wave = tone(0.4, 16000, freq=300)
+    mono16 = write_wav(tmp_path / "m16.wav", wave, 16000, subtype="FLOAT")
+    mono_flac = write_wav(tmp_path / "m16.flac", wave, 16000)
+    stereo = write_wav(tmp_path / "s16.flac", np.stack([wave, wave], axis=1), 16000)
+    m = audio()
+    expected = m.features(torchaudio.functional.resample(torch.from_numpy(wave), 16000, 8000))
+    torch.testing.assert_close(m.encode(mono16), expected)
+    torch.testing.assert_close(m.encode(stereo), m.encode(mono_flac))  # (x + x) / 2 == x
+    assert m.load(stereo).shape == (3200,)
+    # A waveform in memory goes the same way.
+    torch.testing.assert_close(m.encode((torch.from_numpy(wave), 16000)), expected)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "empty", "no_samples", "missing"])
+def test_bad_files_name_the_file(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"{case}.wav"
+    if case == "corrupt":
+        path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" + bytes(100))
+    elif case == "truncated":
+        write_wav(path, tone(1.0, 8000), 8000)
+        path.write_bytes(path.read_bytes()[:4000])  # header promises 8000 samples, the file holds ~1978
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "no_samples":
+        write_wav(path, np.zeros(0, dtype=np.float32), 8000)
+    with pytest.raises(AudioFileError) as err:
+        audio().encode(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert {"corrupt": "cannot read", "truncated": "truncated", "empty": "empty", "no_samples": "no samples",
+            "missing": "not found"}[case] in msg
+
+
+def test_clip_shorter_than_half_a_window_is_an_error(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "click.wav", tone(0.005, 8000), 8000)
+    with pytest.raises(AudioFileError, match="click.wav.*shorter than half"):
+        audio().encode(path)
+
+
+def test_subsampling_lengths_and_batch_independence() -> None:
+    torch.manual_seed(0)
+    adapter = ConvSubsampling(40, 24, 8).eval()
+    feats = [torch.randn(n, 40) for n in (37, 5, 16)]
+    batch = audio().collate(feats)
+    tokens, mask = adapter(batch.values, batch.mask)
+    assert mask.sum(1).tolist() == [10, 2, 4] == ConvSubsampling.output_lengths(torch.tensor([37, 5, 16])).tolist()
+    for i, f in enumerate(feats):
+        alone, m = adapter(f[None], torch.ones(1, len(f), dtype=torch.bool))
+        n = int(m.sum())
+        torch.testing.assert_close(tokens[i, :n], alone[0], atol=1e-6, rtol=1e-5)
+        assert tokens[i, n:].abs().max() == 0 if n < tokens.shape[1] else True
+
+
+def test_spec_augment_only_in_training() -> None:
+    torch.manual_seed(0)
+    m = audio(freq_mask_width=10, time_mask_width=10, time_mask_ratio=0.5)
+    adapter = m.adapter(16)
+    x = torch.randn(4, 60, 40)
+    mask = torch.ones(4, 60, dtype=torch.bool)
+    adapter.eval()
+    a, _ = adapter(x, mask)
+    b, _ = adapter(x, mask)
+    assert torch.equal(a, b)
+    masked = adapter.augment(x)
+    assert (masked == 0).any(dim=1).any() and not torch.equal(masked, x)  # whole bands or spans set to the mean
+    adapter.train()
+    c, _ = adapter(x, mask)
+    assert not torch.allclose(a, c)
+    assert audio(spec_augment=False).adapter(16).augment is None
+
+
+def test_render_is_an_image() -> None:
+    img = audio().render(torch.randn(50, 40))
+    assert img.shape == (40, 50) and img.dtype == np.uint8 and img.max() == 255 and img.min() == 0
+
+
+def test_audio_has_no_head() -> None:
+    with pytest.raises(NotImplementedError, match="input modality"):
+        audio().head(16)

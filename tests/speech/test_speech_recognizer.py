@@ -1,0 +1,183 @@
+"""The speech recogniser: joint loss, KV-cache decoding, beam search, batch independence, training on real speech,
+checkpoints, fine-tuning and the transcribe command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmgen
+from mmgen.checkpoint import CheckpointError
+from mmgen.data.speech import connected_digits
+from mmgen.tasks import SpeechRecognizer
+from mmgen_text import CharTokenizer
+
+from tests.speech.conftest import TINY_ASR, audio, fit_asr, manifest, pick
+
+
+def tiny(**overrides) -> SpeechRecognizer:
+    text = CharTokenizer()
+    text.fit(["zero one two three four five six seven eight nine"])
+    torch.manual_seed(0)
+    return SpeechRecognizer({"source": audio(), "target": text}, **{**TINY_ASR, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(fsdd_items, tmp_path_factory) -> tuple[SpeechRecognizer, Path, list]:
+    """A tiny recogniser trained on 40 real recordings (two speakers, every digit) until it knows them (without
+    SpecAugment, which slows memorising)."""
+    root = tmp_path_factory.mktemp("asr")
+    train = pick(fsdd_items, ("jackson", "theo"), range(10, 12))
+    val = pick(fsdd_items, ("jackson",), range(5, 6))
+    _, model = fit_asr(root, manifest(root / "train.jsonl", train), manifest(root / "val.jsonl", val), 360,
+                       audio_args={"spec_augment": False}, learning_rate=3e-3, warmup_steps=20, lr_decay_steps=360)
+    return model.eval(), root / "last.ckpt", train
+
+
+def test_joint_loss_is_the_weighted_sum_of_ctc_and_attention() -> None:
+    model = tiny(ctc_weight=0.3, label_smoothing=0.0).eval()
+    feats = [torch.randn(60, 40), torch.randn(45, 40)]
+    texts = ["three", "one"]
+    batch = {"source": model.source.collate(feats),
+             "target": model.target.collate([model.target.encode(t) for t in texts]), "text": texts}
+    losses = model._losses(batch)
+    memory, mask = model.net.encode(batch["source"].values, batch["source"].mask)
+    lp = model.net.ctc_head(memory).log_softmax(-1)
+    ctc = sum(F.ctc_loss(lp[i, :int(mask[i].sum())], model.target.encode(t), [int(mask[i].sum())], [len(t)],
+                         blank=0, reduction="sum") for i, t in enumerate(texts)) / 2
+    spec = model.target.spec
+    att = 0.0
+    for i, t in enumerate(texts):
+        ids = model.target.encode(t)
+        logits = model.net.decode(torch.cat([torch.tensor([spec.bos_id]), ids])[None], memory[i:i + 1, :int(mask[i].sum())],
+                                  None)[0]
+        att += F.cross_entropy(logits, torch.cat([ids, torch.tensor([spec.eos_id])]), reduction="sum")
+    att = att / 2
+    torch.testing.assert_close(losses["ctc"], ctc, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(losses["att"], att, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(losses["loss"], 0.3 * ctc + 0.7 * att, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_kv_cache_matches_full_forward() -> None:
+    model = tiny().eval()
+    feats = model.source.collate([torch.randn(50, 40), torch.randn(33, 40)])
+    memory, mask = model.net.encode(feats.values, feats.mask)
+    ids = torch.randint(4, model.target.spec.vocab_size, (2, 9))
+    full = model.net.decode(ids, memory, mask)
+    cache = model.net.decoder.make_cache(2, 9, memory=memory, memory_mask=mask)
+    steps = torch.cat([model.net.decode(ids[:, i:i + 1], None, None, cache) for i in range(9)], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    # After a reorder (beam search), row i continues old row index[i].
+    cache = model.net.decoder.make_cache(2, 9, memory=memory, memory_mask=mask)
+    model.net.decode(ids[:, :4], None, None, cache)
+    cache.reorder(torch.tensor([1, 1]))
+    swapped = model.net.decode(ids[[1, 1], 4:], None, None, cache)
+    torch.testing.assert_close(swapped, full[[1, 1], 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_of_one_is_greedy_attention_decoding(trained) -> None:
+    model, _, train = trained
+    feats = model.source.collate([model.source.encode(u.audio[0]) for u in train[:6]])
+    memory, mask = model.net.encode(feats.values, feats.mask)
+    spec = model.target.spec
+    greedy = []
+    for i in range(6):  # argmax decoding by full forward passes, no cache
+        ids = torch.tensor([[spec.bos_id]])
+        for _ in range(20):
+            logits = model.net.decode(ids, memory[i:i + 1], mask[i:i + 1])[0, -1]
+            logits[[spec.pad_id, spec.bos_id]] = -torch.inf
+            nxt = int(logits.argmax())
+            if nxt == spec.eos_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        greedy.append(model.target.decode(ids[0, 1:]))
+    model.hparams.ctc_rescore_weight = 0.0
+    try:
+        assert model.recognize(feats, "attention", beam_size=1) == greedy
+    finally:
+        model.hparams.ctc_rescore_weight = TINY_ASR.get("ctc_rescore_weight", 0.3)
+
+
+def test_learns_real_recordings_with_every_decoder(trained) -> None:
+    model, _, train = trained
+    paths = [u.audio[0] for u in train]
+    refs = [u.text for u in train]
+    for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+        hyps = model.transcribe(paths, decoding=decoding)
+        right = sum(h == r for h, r in zip(hyps, refs))
+        assert right >= 0.9 * len(refs), (decoding, list(zip(refs, hyps)))
+
+
+def test_same_transcript_alone_and_in_a_padded_batch(trained, fsdd_items) -> None:
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
+    feats = [model.source.encode(f) for f in files]
+    assert len({len(f) for f in feats}) > 3  # lengths differ: the batch is padded
+    batch = model.source.collate(feats)
+    memory, mask = model.net.encode(batch.values, batch.mask)
+    for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+        together = model.recognize(batch, decoding)
+        alone = [model.recognize(model.source.collate([f]), decoding)[0] for f in feats]
+        assert together == alone, decoding
+    for i, f in enumerate(feats):
+        one, m = model.net.encode(f[None], torch.ones(1, len(f), dtype=torch.bool))
+        torch.testing.assert_close(memory[i, :m.shape[1]], one[0], atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_and_python_one_liner(trained) -> None:
+    model, ckpt, train = trained
+    loaded = mmgen.load(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    paths = [u.audio[0] for u in train[:8]]
+    assert mmgen.load(ckpt).transcribe(paths) == model.transcribe(paths)
+    record = torch.load(ckpt, weights_only=True)["mmgen"]["modalities"]
+    assert record["source"]["name"] == "LogMelFrames" and record["source"]["plugin"] == "audio"
+    assert record["target"]["state"]["chars"] == model.target.chars
+
+
+def test_transcribe_command(trained, tmp_path) -> None:
+    model, ckpt, train = trained
+    paths = [u.audio[0] for u in train[:3]]
+    out = subprocess.run([sys.executable, "-m", "mmgen", "transcribe", "--ckpt", str(ckpt), *paths,
+                          "--decoding", "ctc_greedy"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines == [f"{p}\t{t}" for p, t in zip(paths, model.transcribe(paths, decoding="ctc_greedy"))]
+    assert "real-time factor" in out.stderr
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    out = subprocess.run([sys.executable, "-m", "mmgen", "transcribe", "--ckpt", str(ckpt), str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and str(bad) in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_fine_tune_with_init_from(trained, fsdd_items, tmp_path) -> None:
+    model, ckpt, _ = trained
+    train = manifest(tmp_path / "t.jsonl", pick(fsdd_items, ("nicolas",), range(10, 12)))
+    val = manifest(tmp_path / "v.jsonl", pick(fsdd_items, ("nicolas",), range(5, 6)))
+    _, tuned = fit_asr(tmp_path, train, val, 0, init_from=str(ckpt), audio_args={"spec_augment": False})
+    for name, value in model.state_dict().items():  # zero steps: the checkpoint's weights exactly
+        assert torch.equal(tuned.state_dict()[name], value), name
+    assert tuned.target.chars == model.target.chars
+    with pytest.raises(CheckpointError, match="audio features"):
+        text = CharTokenizer()
+        text.fit(["one"])
+        SpeechRecognizer({"source": audio(n_mels=64), "target": text}, **TINY_ASR, init_from=str(ckpt))
+
+
+def test_connected_digits_are_spelled_word_by_word(fsdd_items) -> None:
+    seqs = connected_digits(pick(fsdd_items, ("theo",), range(10, 20)), 20, (2, 7), 0.1, seed=3)
+    assert seqs == connected_digits(pick(fsdd_items, ("theo",), range(10, 20)), 20, (2, 7), 0.1, seed=3)
+    for s in seqs:
+        words = s.text.split()
+        assert 2 <= len(words) == len(s.audio) <= 7
+        assert [Path(a).stem.split("_")[0] for a in s.audio] == [str(("zero", "one", "two", "three", "four", "five",
+                                                                       "six", "seven", "eight", "nine").index(w))
+                                                                  for w in words]
