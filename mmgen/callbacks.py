@@ -81,8 +81,7 @@ class Stopwatch(L.Callback):
         if trainer.global_step in (1, self.warmup_steps) and f"step_{trainer.global_step}" not in self.milestones:
             self._mark(trainer, f"step_{trainer.global_step}", f"step {trainer.global_step} done")
         if self._segment is not None:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            self._tokens += x.numel() * trainer.world_size
+            self._tokens += _count_tokens(batch) * trainer.world_size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._close(trainer)
@@ -105,6 +104,8 @@ class Stopwatch(L.Callback):
             return
         row = {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val_loss"]),
                "elapsed_s": round(time.time() - self.start, 2)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith("val_") and k != "val_loss" and v.numel() == 1})  # val_wer, val_cer...
         now = time.perf_counter()
         if self._val_start is not None:
             row["val_s"] = round(now - self._val_start, 3)  # the whole validation, text sample included
@@ -116,7 +117,9 @@ class Stopwatch(L.Callback):
             extra = f", train {tps:,.0f} tokens/s" if tps else ""
             if "val_s" in row:
                 extra += f", validation took {row['val_s']:.2f} s (sample {row.get('sample_s', 0.0):.2f} s)"
-            print(f"[stopwatch] step {row['step']}: val_loss {row['val_loss']:.4f} at {row['elapsed_s']:.1f} s "
+            others = "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and k not in
+                             ("val_loss", "val_s"))
+            print(f"[stopwatch] step {row['step']}: val_loss {row['val_loss']:.4f}{others} at {row['elapsed_s']:.1f} s "
                   f"since process start{extra}", flush=True)
 
     def summary(self) -> dict:
@@ -130,3 +133,12 @@ class Stopwatch(L.Callback):
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.summary(), indent=2))
+
+
+def _count_tokens(batch) -> int:
+    """Tokens in a training batch: a language model's (x, y) windows, or the real source frames of a speech batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0].numel()
+    if isinstance(batch, dict) and hasattr(batch.get("source"), "mask"):
+        return int(batch["source"].mask.sum())
+    return 0

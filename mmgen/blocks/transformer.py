@@ -119,7 +119,15 @@ class TransformerStack(nn.Module):
             TransformerBlock(d_model, num_heads, d_ff or 4 * d_model, cross_attention=cross_attention,
                              d_memory=d_memory, bias=bias, dropout=dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model, bias=bias)
+        self._compiled_blocks: list[nn.Module] | None = None
         self.reset_parameters()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: ``torch.compile`` each block rather than the whole network. The blocks share their
+        code, so one block's graph is compiled once and reused by the others, which cuts cold-start compilation.
+        The compiled blocks run where gradients are on and there is no cache (training); evaluation and
+        incremental decoding keep the eager blocks, whose shapes change from call to call."""
+        self._compiled_blocks = [torch.compile(b, **compile_kwargs) for b in self.blocks]
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * num_layers)."""
@@ -143,7 +151,10 @@ class TransformerStack(nn.Module):
             memory_mask: (b, t) True on real memory frames.
             cache: from :meth:`make_cache`; decoding appends ``s`` positions to it.
         """
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks
+        if self._compiled_blocks is not None and cache is None and torch.is_grad_enabled():
+            blocks = self._compiled_blocks
+        for i, block in enumerate(blocks):
             x = block(x, key_padding_mask=key_padding_mask, causal=self.causal, memory=memory,
                       memory_mask=memory_mask,
                       self_cache=None if cache is None else cache.self_caches[i],

@@ -419,6 +419,8 @@ class FSDDDataModule(SpeechDataModule):
         connected_counts: sequences for training, validation and test.
         gap_ms: the silence between the digits of a sequence.
         connected_seed: seed of the sequences (fixed, whatever the run's seed).
+        speakers: use only these speakers' recordings (default: every speaker in the folder; the benchmarks use
+            george, jackson, lucas, nicolas and theo, which the downloaded v1.0.10 archive joins with yweweler).
         data_dir: root for ``path``; default ``$MMGEN_DATA_DIR``.
         max_batch_seconds: padded audio per batch, in seconds.
         max_batch_size: most utterances per batch.
@@ -432,7 +434,8 @@ class FSDDDataModule(SpeechDataModule):
                  split: Literal["standard", "speaker"] = "standard", test_speaker: str = "theo",
                  connected: bool = False, connected_lengths: tuple[int, int] = (2, 7),
                  connected_counts: tuple[int, int, int] = (6000, 300, 1000), gap_ms: float = 100.0,
-                 connected_seed: int = 0, data_dir: str | None = None, max_batch_seconds: float = 200.0,
+                 connected_seed: int = 0, speakers: list[str] | None = None, data_dir: str | None = None,
+                 max_batch_seconds: float = 200.0,
                  max_batch_size: int | None = None, num_workers: int = 0, seed: int = 1337, skip_bad: bool = False,
                  cache_features: bool = True) -> None:
         super().__init__(source, target, data_dir, max_batch_seconds, max_batch_size, num_workers, seed, skip_bad,
@@ -443,10 +446,18 @@ class FSDDDataModule(SpeechDataModule):
         self.connected, self.connected_lengths = connected, tuple(connected_lengths)
         self.connected_counts, self.gap_ms, self.connected_seed = tuple(connected_counts), gap_ms, connected_seed
         self.gap = gap_ms / 1000.0 if connected else 0.0
+        self.speakers = speakers
 
     def splits(self) -> dict[str, list[Utterance]]:
         folder = resolve(self.path, self.data_dir)
-        out = fsdd_splits(fsdd_utterances(folder), self.split, self.test_speaker)
+        items = fsdd_utterances(folder)
+        if self.speakers:
+            present = sorted({u.speaker for u in items})
+            missing = sorted(set(self.speakers) - set(present))
+            if missing:
+                raise ValueError(f"speakers {missing} are not in {folder}; accepted: {', '.join(present)}")
+            items = [u for u in items if u.speaker in self.speakers]
+        out = fsdd_splits(items, self.split, self.test_speaker)
         if self.connected:
             out = {name: connected_digits(out[name], count, self.connected_lengths, self.gap,
                                           self.connected_seed * 3 + k)

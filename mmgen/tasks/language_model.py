@@ -81,6 +81,8 @@ class LanguageModel(L.LightningModule):
         compile: ``torch.compile`` the network for training on a GPU (ignored on the CPU, where compiling costs more
             than it saves for runs this size).
         compile_mode: ``torch.compile`` mode; ``reduce-overhead`` replays CUDA graphs, cutting kernel-launch time.
+        compile_regions: compile each Transformer block instead of the whole network (regional compilation): the
+            blocks share one compiled graph, so a cold start compiles one block instead of the whole model.
         compile_eval: run validation through the compiled network too; off by default, since validation's
             eval-mode, gradient-free graph is a second compilation that costs more time on a cold start than its
             batches save.
@@ -98,7 +100,7 @@ class LanguageModel(L.LightningModule):
                  lr_decay_steps: int = 5000, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.99),
                  compile: bool = False,
                  compile_mode: Literal["default", "reduce-overhead", "max-autotune",
-                                       "max-autotune-no-cudagraphs"] = "default", compile_eval: bool = False,
+                                       "max-autotune-no-cudagraphs"] = "default", compile_regions: bool = False, compile_eval: bool = False,
                  init_from: str | None = None, sample_prompt: str = "\n",
                  sample_tokens: int = 200, sample_temperature: float = 0.8, sample_top_k: int | None = 200) -> None:
         super().__init__()
@@ -118,7 +120,9 @@ class LanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
-            if self.hparams.compile:
+            if self.hparams.compile and self.hparams.compile_regions:
+                self.net.stack.compile_blocks(mode=self.hparams.compile_mode)
+            elif self.hparams.compile:
                 self.net.compile(mode=self.hparams.compile_mode)  # in place: parameter names (and checkpoints) stay those of the plain module
 
     def _loss(self, batch: tuple[Tensor, Tensor], eager: bool = False) -> Tensor:

@@ -19,8 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.text import word_error_rate
-from torchmetrics.text import CharErrorRate, WordErrorRate
+from torchmetrics import Metric
 
 from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
@@ -132,6 +131,8 @@ class SpeechRecognizer(L.LightningModule):
                 raise ckpt_io.CheckpointError(
                     f"init_from {init_from}: its weights do not fit this model; use the checkpoint's architecture "
                     f"settings ({exc})".replace("\n", " ")) from None
+        from torchmetrics.text import CharErrorRate, WordErrorRate  # here: torchmetrics.text is slow to import
+
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
         self.test_wer, self.test_cer = WordErrorRate(), CharErrorRate()
         self._shown: list[tuple[str, str]] = []
@@ -151,6 +152,10 @@ class SpeechRecognizer(L.LightningModule):
         return spec.blank_id if spec.blank_id is not None else spec.pad_id
 
     # ---- training ----
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on the GPU
+
     def _losses(self, batch: dict) -> dict[str, Tensor]:
         src: Batch = batch["source"]
         tgt: Batch = batch["target"]
@@ -188,7 +193,7 @@ class SpeechRecognizer(L.LightningModule):
         self.log("train_ctc_infeasible", losses["ctc_infeasible"], reduce_fx="sum", batch_size=b)
         return losses["loss"]
 
-    def _evaluate(self, batch: dict, prefix: str, wer: WordErrorRate, cer: CharErrorRate) -> None:
+    def _evaluate(self, batch: dict, prefix: str, wer: Metric, cer: Metric) -> None:
         losses = self._losses(batch)
         b = batch["target"].values.shape[0]
         self.log(f"{prefix}_loss", losses["loss"], batch_size=b, sync_dist=True)
@@ -393,8 +398,10 @@ class SpeechRecognizer(L.LightningModule):
         return out
 
 
-def render_attention(weights: Tensor, scale: int = 6) -> Tensor:
-    """Attention weights (s, t) -> a uint8 image, each row scaled to its maximum, ``scale`` pixels per cell."""
+def render_attention(weights: Tensor, scale: int | None = None) -> Tensor:
+    """Attention weights (s, t) -> a uint8 image, each row scaled to its maximum, ``scale`` pixels per cell
+    (default: enough for an image about 512 pixels wide)."""
+    scale = scale or max(4, 512 // max(weights.shape[1], 1))
     img = weights / weights.amax(dim=1, keepdim=True).clamp_min(1e-8)
     img = img.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1)
     return (img * 255).round().to(torch.uint8)
@@ -402,4 +409,6 @@ def render_attention(weights: Tensor, scale: int = 6) -> Tensor:
 
 def word_errors(ref: str, hyp: str) -> int:
     """Word-level edit distance (substitutions + deletions + insertions), from torchmetrics' WER."""
+    from torchmetrics.functional.text import word_error_rate
+
     return round(float(word_error_rate([hyp], [ref])) * max(len(ref.split()), 1))

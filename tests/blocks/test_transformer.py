@@ -197,3 +197,23 @@ def test_decoder_cache_overflow_raises():
         stack(torch.randn(B, 3, D), cache=cache)
         with pytest.raises(ValueError, match="overflow"):
             stack(torch.randn(B, 2, D), cache=cache)
+
+
+def test_regional_compilation_runs_compiled_blocks_only_in_training() -> None:
+    torch.manual_seed(0)
+    stack = TransformerStack(2, 16, 2, causal=True)
+    x = torch.randn(2, 5, 16)
+    expected = stack(x)
+    calls = []
+    stack.compile_blocks(backend="eager")
+    for wrapper in stack._compiled_blocks:
+        wrapper.register_forward_pre_hook(lambda m, a: calls.append(1))
+    torch.testing.assert_close(stack(x), expected)  # grad on, no cache: the compiled blocks
+    assert len(calls) == 2
+    with torch.no_grad():
+        stack(x)  # evaluation: the eager blocks
+    cache = stack.make_cache(2, 5)
+    with torch.no_grad():
+        stack(x[:, :1], cache=cache)  # decoding: the eager blocks
+    assert len(calls) == 2
+    assert set(stack.state_dict()) == set(TransformerStack(2, 16, 2, causal=True).state_dict())

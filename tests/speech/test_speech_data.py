@@ -157,3 +157,39 @@ def test_missing_fsdd_folder_says_where(tmp_path: Path) -> None:
     dm = FSDDDataModule(audio(), CharTokenizer(), data_dir=str(tmp_path))
     with pytest.raises(DataFileError, match=r"fsdd/recordings"):
         dm.modalities  # noqa: B018
+
+
+def test_fsdd_download_extracts_and_verifies(tmp_path: Path, monkeypatch) -> None:
+    """The real download path, fed a local archive through a file:// URL: extracted, verified, renamed."""
+    import io
+    import tarfile
+
+    from mmgen.data import paths
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("0_theo_0.wav", "1_george_3.wav", "2_yweweler_1.wav"):
+        write_wav(src / name, tone(0.2, 8000), 8000)
+    archive = tmp_path / "fsdd.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in src.iterdir():
+            tar.add(f, arcname=f"free-spoken-digit-dataset-1.0.10/recordings/{f.name}")
+        tar.add(src / "0_theo_0.wav", arcname="free-spoken-digit-dataset-1.0.10/README.wav")  # not extracted
+    checked = [src / "0_theo_0.wav", src / "1_george_3.wav"]
+    good = paths.Archive(archive.as_uri(), "free-spoken-digit-dataset-1.0.10/recordings/", "*_[gjlnt]*_*.wav",
+                         paths.folder_digest(checked), 2)
+    monkeypatch.setitem(paths.KNOWN_FOLDERS, "fsdd/recordings", good)
+    folder = paths.resolve("fsdd/recordings", tmp_path / "data")
+    assert sorted(f.name for f in folder.iterdir()) == ["0_theo_0.wav", "1_george_3.wav", "2_yweweler_1.wav"]
+    bad = paths.Archive(good.url, good.member_prefix, good.verify_glob, "0" * 64, 2)
+    monkeypatch.setitem(paths.KNOWN_FOLDERS, "fsdd/recordings", bad)
+    with pytest.raises(DataFileError, match="expected 2 files with 000"):
+        paths.resolve("fsdd/recordings", tmp_path / "other")
+    assert not (tmp_path / "other" / "fsdd" / "recordings").exists()  # nothing half-done takes the name
+
+
+def test_fsdd_speakers_option(fsdd) -> None:
+    dm = FSDDDataModule(audio(), CharTokenizer(), speakers=["theo", "lucas"])
+    assert {u.speaker for part in dm.splits().values() for u in part} == {"theo", "lucas"}
+    with pytest.raises(ValueError, match="'alice'.*accepted: george"):
+        FSDDDataModule(audio(), CharTokenizer(), speakers=["alice"]).splits()

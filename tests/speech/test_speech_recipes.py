@@ -18,7 +18,8 @@ from tests.speech.conftest import pick
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "speech").glob("*.yaml"))
 SMALL = ["--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_test_batches", "1", "--trainer.check_val_every_n_epoch", "1", "--data.max_batch_seconds",
+         "--trainer.limit_test_batches", "1", "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch",
+         "null", "--data.max_batch_seconds",
          "6", "--data.num_workers", "0", "--model.d_model", "32", "--model.encoder_layers", "1",
          "--model.decoder_layers", "1", "--data.source.conv_channels", "8"]
 

@@ -1,0 +1,133 @@
+"""Train a speech recipe on FSDD splits for several seeds, test each best checkpoint once, report WER and CER.
+
+    python benchmarks/asr_train.py --config recipes/speech/fsdd_ctc_attention.yaml --seeds 1 2 3 \
+        --splits standard speaker:george speaker:jackson speaker:lucas speaker:nicolas speaker:theo connected \
+        --parallel 7 --out benchmarks/results/fsdd_asr.json
+
+Each (split, seed) job is its own process (``mmgen fit`` then ``mmgen test --ckpt_path <best>`` in it, so the test
+part is read once, at the end); ``--parallel`` runs that many side by side (on one GPU, or splitting the CPU cores).
+A split is ``standard``, ``speaker:NAME`` (NAME held out for test) or ``connected`` (connected digit sequences);
+``--split-args SPLIT=ARGS`` adds CLI overrides for one split, e.g. ``connected="--trainer.max_steps 3000"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+
+def split_overrides(split: str) -> list[str]:
+    if split == "standard":
+        return ["--data.split", "standard"]
+    if split.startswith("speaker:"):
+        return ["--data.split", "speaker", "--data.test_speaker", split.split(":", 1)[1]]
+    if split == "connected":
+        return ["--data.split", "standard", "--data.connected", "true"]
+    raise SystemExit(f"unknown split {split!r}; accepted: standard, speaker:NAME, connected")
+
+
+def run_job(job: dict) -> dict:
+    """In a child process: fit, then test the best checkpoint; return the numbers."""
+    import torch
+
+    from mmgen.config import cli_main
+
+    torch.set_num_threads(job["threads"])
+    args = ["--config", job["config"], "--seed_everything", str(job["seed"]), "--data.seed", str(job["seed"]),
+            *split_overrides(job["split"]), *job["extra"]]
+    start = time.time()
+    fit = cli_main(["fit", *args, "--trainer.default_root_dir", job["root"]])
+    fit_s = time.time() - start
+    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    dm = fit.datamodule
+    test = cli_main(["test", *args, "--trainer.default_root_dir", job["root"] + "/test", "--ckpt_path", best])
+    metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test_")}
+    return {"split": job["split"], "seed": job["seed"], **metrics,
+            "best_val": float(fit.trainer.checkpoint_callback.best_model_score or float("nan")),
+            "monitor": fit.trainer.checkpoint_callback.monitor, "steps": fit.trainer.global_step,
+            "fit_s": round(fit_s, 1), "total_s": round(time.time() - start, 1),
+            "ctc_infeasible": {k: len(v) for k, v in dm.ctc_infeasible.items()},
+            "train_utterances": len(dm._datasets["train"]), "test_utterances": len(test.datamodule._datasets["test"])}
+
+
+def launch(job: dict) -> dict:
+    out = Path(job["root"]) / "result.json"
+    log = Path(job["root"]) / "log.txt"
+    Path(job["root"]).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job), "--out", str(out)], stdout=f,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"job {job['split']} seed {job['seed']} failed:\n{tail}")
+    result = json.loads(out.read_text())
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="recipes/speech/fsdd_ctc_attention.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--splits", nargs="+", default=["standard"])
+    p.add_argument("--split-args", nargs="*", default=[], help="SPLIT=ARGS: extra overrides for one split")
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    p.add_argument("extra", nargs="*", help="further CLI overrides for every job (after --)")
+    a = p.parse_args()
+    if a.job:
+        Path(a.out).write_text(json.dumps(run_job(json.loads(a.job))))
+        return
+    per_split = dict(item.split("=", 1) for item in a.split_args)
+    threads = max(1, (os.cpu_count() or 1) // a.parallel)
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads,
+                 "extra": [*a.extra, *shlex.split(per_split.get(s, ""))],
+                 "root": f"{tmp}/{s.replace(':', '_')}_{seed}"} for s in a.splits for seed in a.seeds]
+        start = time.time()
+        runs = []
+        with ThreadPoolExecutor(a.parallel) as pool:
+            for future in as_completed([pool.submit(launch, job) for job in jobs]):
+                runs.append(future.result())
+                partial = Path(a.out).with_suffix(".partial.json")  # what is done so far, should the rest not finish
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(runs, indent=2))
+        wall = time.time() - start
+        runs.sort(key=lambda r: (a.splits.index(r["split"]), r["seed"]))
+    summary = {}
+    for s in a.splits:
+        rows = [r for r in runs if r["split"] == s]
+        summary[s] = {"mean_test_wer": statistics.mean(r["test_wer"] for r in rows),
+                      "mean_test_cer": statistics.mean(r["test_cer"] for r in rows),
+                      "test_wer": [r["test_wer"] for r in rows], "seeds": [r["seed"] for r in rows]}
+    speakers = [s for s in a.splits if s.startswith("speaker:")]
+    if speakers:
+        summary["held_out_speaker_mean_wer"] = statistics.mean(summary[s]["mean_test_wer"] for s in speakers)
+    result = {"benchmark": "asr_train", "config": a.config, "overrides": a.extra, "split_args": per_split,
+              "seeds": a.seeds, "parallel": a.parallel, "host": platform.node(), "device": _device(),
+              "wall_s": round(wall, 1), "summary": summary, "runs": runs}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    main()
