@@ -95,7 +95,7 @@ def main() -> None:
                        "reference_rtf": timed(lambda: ref(wave, lengths), a.repeats) / audio}
 
                 def recognise(decoding: str) -> None:
-                    feats = model.source.collate([model.source.features(w.cpu()) for w in wave])
+                    feats = model.source.collate([model.source.features(w) for w in wave])  # log-mel where the model is
                     model.recognize(feats, decoding)
 
                 for decoding in ("ctc_greedy", "ctc_beam", "attention"):

@@ -5,7 +5,7 @@
         --parallel 7 --out benchmarks/results/fsdd_asr.json
 
 Each (split, seed) job is its own process (``mmgen fit`` then ``mmgen test --ckpt_path <best>`` in it, so the test
-part is read once, at the end); ``--parallel`` runs that many side by side (on one GPU, or splitting the CPU cores).
+part is read once, at the end, by the last checkpoint unless ``--test-ckpt best``); ``--parallel`` runs that many side by side (on one GPU, or splitting the CPU cores).
 A split is ``standard``, ``speaker:NAME`` (NAME held out for test) or ``connected`` (connected digit sequences);
 ``--split-args SPLIT=ARGS`` adds CLI overrides for one split, e.g. ``connected="--trainer.max_steps 3000"``.
 """
@@ -48,16 +48,42 @@ def run_job(job: dict) -> dict:
     start = time.time()
     fit = cli_main(["fit", *args, "--trainer.default_root_dir", job["root"]])
     fit_s = time.time() - start
-    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    monitored = fit.trainer.checkpoint_callback  # the first ModelCheckpoint: the recipe's best-by-validation one
+    last = next(c.last_model_path for c in fit.trainer.checkpoint_callbacks if c.last_model_path)
+    ckpt = monitored.best_model_path if job["test_ckpt"] == "best" else last
     dm = fit.datamodule
-    test = cli_main(["test", *args, "--trainer.default_root_dir", job["root"] + "/test", "--ckpt_path", best])
+    test = cli_main(["test", *args, "--trainer.default_root_dir", job["root"] + "/test", "--ckpt_path", ckpt])
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test_")}
-    return {"split": job["split"], "seed": job["seed"], **metrics,
-            "best_val": float(fit.trainer.checkpoint_callback.best_model_score or float("nan")),
-            "monitor": fit.trainer.checkpoint_callback.monitor, "steps": fit.trainer.global_step,
+    metrics.update(every_decoding(ckpt, test.datamodule))
+    score = monitored.best_model_score
+    return {"split": job["split"], "seed": job["seed"], **metrics, "tested": job["test_ckpt"],
+            "best_val": None if score is None else float(score), "best_path": Path(monitored.best_model_path).name,
+            "monitor": monitored.monitor, "steps": fit.trainer.global_step,
             "fit_s": round(fit_s, 1), "total_s": round(time.time() - start, 1),
             "ctc_infeasible": {k: len(v) for k, v in dm.ctc_infeasible.items()},
             "train_utterances": len(dm._datasets["train"]), "test_utterances": len(test.datamodule._datasets["test"])}
+
+
+def every_decoding(ckpt: str, dm) -> dict:
+    """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's."""
+    from collections import Counter
+
+    import torch
+    from torchmetrics.functional.text import word_error_rate
+
+    import mmgen
+
+    model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    decodings = ("ctc_greedy", "ctc_beam", "attention")
+    hyps: dict[str, list[str]] = {d: [] for d in decodings}
+    refs: list[str] = []
+    for batch in dm.test_dataloader():
+        refs += batch["text"]
+        for d in decodings:
+            hyps[d] += model.recognize(batch["source"], d)
+    errors = Counter((r, h) for r, h in zip(refs, hyps[model.hparams.decoding]) if r != h)
+    return {"test_wer_by_decoding": {d: float(word_error_rate(hyps[d], refs)) for d in decodings},
+            "frequent_errors": [f"{r} -> {h} ({n})" for (r, h), n in errors.most_common(8)]}
 
 
 def launch(job: dict) -> dict:
@@ -83,6 +109,8 @@ def main() -> None:
     p.add_argument("--splits", nargs="+", default=["standard"])
     p.add_argument("--split-args", nargs="*", default=[], help="SPLIT=ARGS: extra overrides for one split")
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--test-ckpt", choices=["last", "best"], default="last",
+                   help="test the last checkpoint (default) or the best by the recipe's validation metric")
     p.add_argument("--out", required=True)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="further CLI overrides for every job (after --)")
@@ -93,7 +121,7 @@ def main() -> None:
     per_split = dict(item.split("=", 1) for item in a.split_args)
     threads = max(1, (os.cpu_count() or 1) // a.parallel)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads,
+        jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads, "test_ckpt": a.test_ckpt,
                  "extra": [*a.extra, *shlex.split(per_split.get(s, ""))],
                  "root": f"{tmp}/{s.replace(':', '_')}_{seed}"} for s in a.splits for seed in a.seeds]
         start = time.time()

@@ -119,3 +119,27 @@ def test_evaluating_with_different_vocabulary_says_cannot_evaluate(stage, tmp_pa
         f"cannot evaluate the checkpoint on this data: the checkpoint's vocabulary differs from the one built from "
         f"this data ({saved} vs {built} characters); to {stage} it on other text load its weights and vocabulary "
         f"with `--model.init_from CKPT` instead of `--ckpt_path`")
+
+
+def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, corpus, monkeypatch) -> None:
+    """Checkpoints are written through Lightning's atomic save (a temporary file renamed on success): a write that
+    dies half-way leaves the last good checkpoint byte for byte, and no partial file under its name."""
+    import fsspec.implementations.local as local
+
+    trainer, model, _ = fit(tmp_path, corpus, 2)
+    last = tmp_path / "last.ckpt"
+    before = last.read_bytes()
+    files = sorted(tmp_path.rglob("*"))
+    real_write = local.LocalFileOpener.write
+
+    def dying_write(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise KeyboardInterrupt("killed during the checkpoint write")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(last)
+    monkeypatch.undo()
+    assert last.read_bytes() == before
+    assert sorted(tmp_path.rglob("*")) == files  # no partial or temporary file left behind
+    torch.load(last, weights_only=True)  # still a whole checkpoint

@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -212,32 +213,55 @@ class DurationBatchSampler(Sampler[list[int]]):
 
 
 class UtteranceDataset(Dataset):
-    """Utterance -> (features, label ids, transcript); features are cached in memory after their first use."""
+    """Utterance -> (features, label ids, transcript). With ``cache``, waveforms (per file) and features are kept in
+    memory after their first use; with ``speeds`` (training only), each fetch plays the utterance at a speed drawn
+    from that list (Kaldi-style speed perturbation: resampled, so tempo and pitch change together) and its features
+    are recomputed."""
 
     def __init__(self, items: Sequence[Utterance], source: AudioModality, target: TextModality, gap: float,
-                 cache: bool, skip_bad: bool) -> None:
+                 cache: bool, skip_bad: bool, speeds: Sequence[float] | None = None, seed: int = 0) -> None:
         self.items, self.source, self.target = list(items), source, target
         self.gap, self.cache, self.skip_bad = gap, cache, skip_bad
+        self.speeds = tuple(speeds) if speeds else None
+        self.rng = np.random.default_rng(seed)
         self._features: dict[int, Tensor] = {}
+        self._waves: dict[str, Tensor] = {}
         self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _load(self, path: str) -> Tensor:
+        wave = self._waves.get(path)
+        if wave is None:
+            wave = self.source.load(path)
+            if self.cache and self.speeds:
+                self._waves[path] = wave
+        return wave
+
+    def waveform(self, i: int) -> Tensor:
+        """The utterance's waveform at the model's rate (several files joined by ``gap`` seconds of silence)."""
+        u = self.items[i]
+        if len(u.audio) == 1:
+            return self._load(u.audio[0])
+        silence = torch.zeros(round(self.gap * self.source.spec.sample_rate))
+        return torch.cat([w for p in u.audio for w in (self._load(p), silence)][:-1])
 
     def features(self, i: int) -> Tensor:
         if i in self._features:
             return self._features[i]
         u = self.items[i]
         try:
-            if len(u.audio) == 1:
-                feats = self.source.encode(u.audio[0])
-            else:
-                silence = torch.zeros(round(self.gap * self.source.spec.sample_rate))
-                waves = [w for p in u.audio for w in (self.source.load(p), silence)][:-1]
-                feats = self.source.features(torch.cat(waves))
+            wave = self.waveform(i)
+            if self.speeds:
+                speed = float(self.rng.choice(self.speeds))
+                if speed != 1.0:
+                    rate = self.source.spec.sample_rate
+                    wave = torchaudio.functional.resample(wave, round(rate * speed), rate)
+            feats = self.source.features(wave)
         except AudioFileError as exc:
             raise AudioFileError(f"{u.where}: {exc}" if u.where and u.where not in str(exc) else str(exc)) from None
-        if self.cache:
+        if self.cache and not self.speeds:
             self._features[i] = feats
         return feats
 
@@ -276,8 +300,10 @@ class SpeechDataModule(L.LightningDataModule):
 
     def __init__(self, source: AudioModality, target: TextModality, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 1337, skip_bad: bool = False, cache_features: bool = True) -> None:
+                 seed: int = 1337, skip_bad: bool = False, cache_features: bool = True,
+                 speed_perturb: list[float] | None = None) -> None:
         super().__init__()
+        self.speed_perturb = speed_perturb
         self.source, self.target = source, target
         self.data_dir = data_dir
         self.max_batch_seconds, self.max_batch_size = max_batch_seconds, max_batch_size
@@ -345,7 +371,8 @@ class SpeechDataModule(L.LightningDataModule):
                 raise DataFileError(f"the {name} split is empty{' after skipping bad utterances' if splits.get(name) else ''}; "
                                     f"give it utterances")
             self._datasets[name] = UtteranceDataset(items, self.source, self.target, self.gap,
-                                                    self.cache_features, self.skip_bad)
+                                                    self.cache_features, self.skip_bad,
+                                                    self.speed_perturb if name == "train" else None, self.seed)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self._datasets[name]
@@ -383,14 +410,16 @@ class ManifestDataModule(SpeechDataModule):
         skip_bad: skip unreadable files, malformed lines and transcripts outside the vocabulary with a warning and a
             count, instead of stopping at the first.
         cache_features: keep features in memory after their first computation.
+        speed_perturb: training speeds to draw from, e.g. ``[0.9, 1.0, 1.1]`` (speed perturbation); none by default.
     """
 
     def __init__(self, source: AudioModality, target: TextModality, train_manifest: str | None = None,
                  val_manifest: str | None = None, test_manifest: str | None = None, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 1337, skip_bad: bool = False, cache_features: bool = True) -> None:
+                 seed: int = 1337, skip_bad: bool = False, cache_features: bool = True,
+                 speed_perturb: list[float] | None = None) -> None:
         super().__init__(source, target, data_dir, max_batch_seconds, max_batch_size, num_workers, seed, skip_bad,
-                         cache_features)
+                         cache_features, speed_perturb)
         self.train_manifest, self.val_manifest, self.test_manifest = train_manifest, val_manifest, test_manifest
 
     def splits(self) -> dict[str, list[Utterance]]:
@@ -428,6 +457,7 @@ class FSDDDataModule(SpeechDataModule):
         seed: seed of the batch order.
         skip_bad: skip unreadable files with a warning and a count.
         cache_features: keep features in memory after their first computation.
+        speed_perturb: training speeds to draw from, e.g. ``[0.9, 1.0, 1.1]`` (speed perturbation); none by default.
     """
 
     def __init__(self, source: AudioModality, target: TextModality, path: str = "fsdd/recordings",
@@ -437,9 +467,9 @@ class FSDDDataModule(SpeechDataModule):
                  connected_seed: int = 0, speakers: list[str] | None = None, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0,
                  max_batch_size: int | None = None, num_workers: int = 0, seed: int = 1337, skip_bad: bool = False,
-                 cache_features: bool = True) -> None:
+                 cache_features: bool = True, speed_perturb: list[float] | None = None) -> None:
         super().__init__(source, target, data_dir, max_batch_seconds, max_batch_size, num_workers, seed, skip_bad,
-                         cache_features)
+                         cache_features, speed_perturb)
         if split not in ("standard", "speaker"):
             raise ValueError(f"split={split!r}; accepted: 'standard' or 'speaker'")
         self.path, self.split, self.test_speaker = path, split, test_speaker

@@ -24,7 +24,7 @@ from torchmetrics import Metric
 from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search, min_ctc_frames
-from mmgen.modality import AudioModality, Batch, Modality, TextModality
+from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality
 from mmgen.tasks.common import log_image, log_text, require_role
 from mmgen.tasks.language_model import cosine_schedule
 
@@ -62,7 +62,8 @@ class ASRNet(nn.Module):
         """features (b, frames, f), mask (b, frames) -> memory (b, t, d), memory mask (b, t)."""
         x, mask = self.frontend(features, mask)
         x = x * math.sqrt(self.d_model) + sinusoidal_positions(x.shape[1], self.d_model, device=x.device).to(x.dtype)
-        return self.encoder(self.drop(x), key_padding_mask=mask), mask
+        padded = not bool(mask.all())  # without padding, attention takes SDPA's unmasked path
+        return self.encoder(self.drop(x), key_padding_mask=mask if padded else None), mask
 
     def decode(self, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
                cache: DecoderCache | None = None) -> Tensor:
@@ -327,6 +328,7 @@ class SpeechRecognizer(L.LightningModule):
         scores = torch.full((b, k), -math.inf, device=device)
         scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
         finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
+        settled = [False] * b
         banned = [i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None]
         pending = tokens
         for step in range(max_len):
@@ -341,7 +343,7 @@ class SpeechRecognizer(L.LightningModule):
             rank = torch.arange(2 * k, device=device)[None, :].expand(b, -1)
             done = (is_eos & (rank < k) & top_scores.isfinite()).nonzero().tolist()
             for i, j in done:
-                if len(finished[i]) < k:
+                if not settled[i] and len(finished[i]) < k:
                     hyp = tokens[i * k + beam[i, j], 1:].tolist()
                     finished[i].append((hyp, float(top_scores[i, j])))
             # Live: the best k candidates that do not end.
@@ -352,10 +354,16 @@ class SpeechRecognizer(L.LightningModule):
             cache.reorder(index)
             tokens = torch.cat([tokens.index_select(0, index), keep_tok.view(-1, 1)], dim=1)
             pending = keep_tok.view(-1, 1)
-            if all(len(f) >= k for f in finished):
+            # An utterance is settled once a finished hypothesis scores at least its best live one: scores only fall
+            # as hypotheses grow, so no live one can overtake it on the attention score.
+            best_live = scores.max(dim=1).values.tolist()
+            for i in range(b):
+                if finished[i] and max(sc for _, sc in finished[i]) >= best_live[i]:
+                    settled[i] = True
+            if all(settled) or all(len(f) >= k for f in finished):
                 break
         for i in range(b):  # hypotheses that never ended compete as they stand
-            if len(finished[i]) < k:
+            if not settled[i] and len(finished[i]) < k:
                 for j in range(k):
                     if scores[i, j].isfinite():
                         finished[i].append((tokens[i * k + j, 1:].tolist(), float(scores[i, j])))
@@ -387,7 +395,14 @@ class SpeechRecognizer(L.LightningModule):
     def transcribe(self, paths: Sequence[str | Path], *, decoding: Decoding | None = None,
                    beam_size: int | None = None, batch_size: int = 16) -> list[str]:
         """Sound files -> one transcript each, in order (files are batched by length)."""
-        feats = [self.source.encode(p) for p in paths]
+        rate = self.source.spec.sample_rate
+        feats = []
+        for path in paths:  # files are read on the CPU; features are computed where the model is
+            wave = self.source.load(path).to(self.device)
+            try:
+                feats.append(self.source.encode((wave, rate)))
+            except AudioFileError as exc:
+                raise AudioFileError(f"audio file {path}: {exc}") from None
         order = sorted(range(len(feats)), key=lambda i: len(feats[i]))
         out: list[str] = [""] * len(feats)
         for start in range(0, len(order), batch_size):

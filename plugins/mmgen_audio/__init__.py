@@ -109,10 +109,10 @@ class LogMelFrames(AudioModality):
         self.spec_augment, self.freq_masks, self.freq_mask_width = spec_augment, freq_masks, freq_mask_width
         self.time_masks, self.time_mask_width, self.time_mask_ratio = time_masks, time_mask_width, time_mask_ratio
         self.conv_channels = conv_channels
-        self._mel: nn.Module | None = None
+        self._mels: dict[str, nn.Module] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_mel": None}  # rebuilt on first use in a worker
+        return {**self.__dict__, "_mels": {}}  # rebuilt on first use in a worker
 
     @property
     def spec(self) -> AudioSpec:
@@ -137,18 +137,20 @@ class LogMelFrames(AudioModality):
         """Mono waveform (n,) at the model's rate -> normalised log-mel frames (frames, n_mels)."""
         if wave.numel() < self.win_length // 2 + 1:
             raise AudioFileError(f"clip of {wave.numel()} samples is shorter than half a {self.win_ms} ms window")
-        if self._mel is None:
-            self._mel = torchaudio.transforms.MelSpectrogram(
+        mel_fn = self._mels.get(str(wave.device))
+        if mel_fn is None:  # one transform per device: a waveform on the GPU gets its features there
+            mel_fn = self._mels[str(wave.device)] = torchaudio.transforms.MelSpectrogram(
                 sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
-                hop_length=self.hop_length, n_mels=self.n_mels, power=2.0)
-        mel = self._mel(wave.float())  # shape: (n_mels, frames)
+                hop_length=self.hop_length, n_mels=self.n_mels, power=2.0).to(wave.device)
+        mel = mel_fn(wave.float())  # shape: (n_mels, frames)
         logmel = mel.clamp_min(LOG_FLOOR).log().T  # shape: (frames, n_mels)
         mean = logmel.mean(dim=0, keepdim=True)
         std = logmel.std(dim=0, keepdim=True, unbiased=False)
         return (logmel - mean) / (std + 1e-5)
 
     def encode(self, item: str | Path | tuple[Tensor, int]) -> Tensor:
-        """A file path, or ``(waveform, sample_rate)`` with waveform (n,) or (channels, n) -> (frames, n_mels)."""
+        """A file path, or ``(waveform, sample_rate)`` with waveform (n,) or (channels, n) -> (frames, n_mels) on the
+        waveform's device."""
         if isinstance(item, tuple):
             wave, rate = item
             wave = torch.as_tensor(wave, dtype=torch.float32)
@@ -223,15 +225,19 @@ class ConvSubsampling(nn.Module):
         if self.augment is not None and self.training:
             x = self.augment(x)
         lengths = mask.sum(dim=1)
-        x = (x * mask[..., None])[:, None]  # shape: (b, 1, t, f)
-        x = torch.relu(self.conv1(x))
-        half = (lengths + 1) // 2
-        x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < half[:, None])[:, None, :, None]
+        padded = not bool(mask.all())  # without padding there is nothing to zero
+        if padded:
+            x = x * mask[..., None]
+        x = torch.relu(self.conv1(x[:, None]))  # shape: (b, c, t/2, f/2)
+        if padded:
+            half = (lengths + 1) // 2
+            keep = (torch.arange(x.shape[2], device=x.device)[None, :] < half[:, None])[:, None, :, None]
+            x = x * keep if torch.is_grad_enabled() else x.mul_(keep)  # in place where autograd does not need x
         x = torch.relu(self.conv2(x))  # shape: (b, c, t', f')
         out = self.output_lengths(lengths)
         x = self.proj(x.permute(0, 2, 1, 3).flatten(2))  # shape: (b, t', d)
         out_mask = torch.arange(x.shape[1], device=x.device)[None, :] < out[:, None]
-        return x * out_mask[..., None], out_mask
+        return (x * out_mask[..., None] if padded else x), out_mask
 
 
 @hookimpl

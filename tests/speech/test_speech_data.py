@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import soundfile as sf
 import pytest
 import torch
 
@@ -193,3 +194,27 @@ def test_fsdd_speakers_option(fsdd) -> None:
     assert {u.speaker for part in dm.splits().values() for u in part} == {"theo", "lucas"}
     with pytest.raises(ValueError, match="'alice'.*accepted: george"):
         FSDDDataModule(audio(), CharTokenizer(), speakers=["alice"]).splits()
+
+
+def test_connected_digits_join_recordings_with_silence(fsdd) -> None:
+    dm = FSDDDataModule(audio(), CharTokenizer(), connected=True, connected_counts=(60, 2, 2), gap_ms=100.0)
+    dm.setup("fit")
+    ds = dm._datasets["train"]
+    u = ds.items[0]
+    parts = [sf.read(p, dtype="float32")[0] for p in u.audio]
+    wave = ds.waveform(0)
+    assert len(wave) == sum(len(p) for p in parts) + 800 * (len(parts) - 1)  # 100 ms gaps at 8 kHz
+    np.testing.assert_allclose(wave[:len(parts[0])].numpy(), parts[0], atol=1e-6)
+    assert wave[len(parts[0]):len(parts[0]) + 800].abs().max() == 0
+    assert ds.features(0).shape[0] == audio().num_frames(len(wave))
+    assert u.duration == pytest.approx(len(wave) / 8000, abs=1e-3)
+
+
+def test_speed_perturbation_changes_training_lengths_only(fsdd) -> None:
+    dm = FSDDDataModule(audio(), CharTokenizer(), speakers=["theo"], speed_perturb=[0.9, 1.1])
+    dm.setup("fit")
+    train, val = dm._datasets["train"], dm._datasets["val"]
+    plain = audio().num_frames(len(train.waveform(0)))
+    lengths = {train.features(0).shape[0] for _ in range(12)}
+    assert plain not in lengths and len(lengths) == 2  # 0.9x and 1.1x speed, drawn per fetch
+    assert val.speeds is None and val.features(0).shape[0] == audio().num_frames(len(val.waveform(0)))
