@@ -182,6 +182,9 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.max_seconds, self.shuffle, self.seed = max_seconds, shuffle, seed
         self.max_batch_size, self.rank, self.world = max_batch_size, rank, world
         self.epoch = 0
+        # Lightning calls set_epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`, not on a batch
+        # sampler itself: this attribute is how each epoch reaches us.
+        self.sampler = _EpochSetter(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -210,6 +213,16 @@ class DurationBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class _EpochSetter:
+    """Forwards ``set_epoch`` to the batch sampler that owns it."""
+
+    def __init__(self, owner: DurationBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
 
 
 class UtteranceDataset(Dataset):

@@ -181,3 +181,24 @@ def test_connected_digits_are_spelled_word_by_word(fsdd_items) -> None:
         assert [Path(a).stem.split("_")[0] for a in s.audio] == [str(("zero", "one", "two", "three", "four", "five",
                                                                        "six", "seven", "eight", "nine").index(w))
                                                                   for w in words]
+
+
+def test_every_epoch_draws_a_new_batch_order(fsdd_items, tmp_path, monkeypatch) -> None:
+    """Lightning tells the length-bucketed batch sampler each epoch (through ``batch_sampler.sampler.set_epoch``),
+    so batches are reshuffled every epoch, reproducibly."""
+    from mmgen.data import speech
+
+    seen: list[tuple[int, list[list[int]]]] = []
+    real_iter = speech.DurationBatchSampler.__iter__
+
+    def spy(self):
+        seen.append((self.epoch, self._batches()))
+        return real_iter(self)
+
+    monkeypatch.setattr(speech.DurationBatchSampler, "__iter__", spy)
+    train = manifest(tmp_path / "t.jsonl", pick(fsdd_items, ("theo",), range(10, 12)))
+    val = manifest(tmp_path / "v.jsonl", pick(fsdd_items, ("theo",), range(5, 6)))
+    fit_asr(tmp_path, train, val, 6, audio_args={"spec_augment": False})
+    epochs = [e for e, _ in seen]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 2
+    assert seen[0][1] != seen[1][1]
