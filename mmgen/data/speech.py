@@ -232,8 +232,11 @@ class UtteranceDataset(Dataset):
     are recomputed."""
 
     def __init__(self, items: Sequence[Utterance], source: AudioModality, target: TextModality, gap: float,
-                 cache: bool, skip_bad: bool, speeds: Sequence[float] | None = None, seed: int = 0) -> None:
+                 cache: bool, skip_bad: bool, speeds: Sequence[float] | None = None, seed: int = 0,
+                 labels: Sequence[Tensor] | None = None) -> None:
         self.items, self.source, self.target = list(items), source, target
+        # Label ids, encoded once (the data module's check has already encoded them).
+        self.labels = list(labels) if labels is not None else [target.encode(u.text) for u in self.items]
         self.gap, self.cache, self.skip_bad = gap, cache, skip_bad
         self.speeds = tuple(speeds) if speeds else None
         self.rng = np.random.default_rng(seed)
@@ -287,7 +290,7 @@ class UtteranceDataset(Dataset):
             self.skipped += 1
             warnings.warn(f"skipping a bad utterance ({self.skipped} so far): {exc}", stacklevel=2)
             return None
-        return feats, self.target.encode(self.items[i].text), self.items[i].text
+        return feats, self.labels[i], self.items[i].text
 
 
 class SpeechCollate:
@@ -347,9 +350,9 @@ class SpeechDataModule(L.LightningDataModule):
             self.target.fit(u.text for u in train)
         return {"source": self.source, "target": self.target}
 
-    def _check(self, name: str, items: list[Utterance]) -> list[Utterance]:
+    def _check(self, name: str, items: list[Utterance]) -> tuple[list[Utterance], list[Tensor]]:
         """Transcripts must fit the vocabulary; utterances too short for CTC are counted and reported."""
-        kept, bad = [], []
+        kept, labels, bad = [], [], []
         for u in items:
             try:
                 ids = self.target.encode(u.text)
@@ -361,6 +364,7 @@ class SpeechDataModule(L.LightningDataModule):
             if self.source.tokens_for(u.duration) < min_ctc_frames(ids):
                 self.ctc_infeasible.setdefault(name, []).append(u.where or u.audio[0])
             kept.append(u)
+            labels.append(ids)
         if bad:
             warnings.warn(f"{name}: skipped {len(bad)} utterance(s) whose transcript does not fit the vocabulary; "
                           f"first: {bad[0]}", stacklevel=2)
@@ -370,7 +374,7 @@ class SpeechDataModule(L.LightningDataModule):
                           f"under CTC (frames after x{self.source.spec.subsampling} subsampling < labels + repeats); "
                           f"their CTC loss is left out (the attention loss still trains on them). First: "
                           f"{', '.join(short[:5])}. A shorter hop or less subsampling makes them fit.", stacklevel=2)
-        return kept
+        return kept, labels
 
     def setup(self, stage: str) -> None:
         splits = self._all_splits()
@@ -379,13 +383,14 @@ class SpeechDataModule(L.LightningDataModule):
         for name in wanted:
             if name in self._datasets:
                 continue
-            items = self._check(name, splits.get(name) or [])
+            items, labels = self._check(name, splits.get(name) or [])
             if not items:
                 raise DataFileError(f"the {name} split is empty{' after skipping bad utterances' if splits.get(name) else ''}; "
                                     f"give it utterances")
             self._datasets[name] = UtteranceDataset(items, self.source, self.target, self.gap,
                                                     self.cache_features, self.skip_bad,
-                                                    self.speed_perturb if name == "train" else None, self.seed)
+                                                    self.speed_perturb if name == "train" else None, self.seed,
+                                                    labels)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self._datasets[name]

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import Tensor
 
-__all__ = ["log_image", "log_text", "require_role"]
+__all__ = ["adamw_cosine", "load_weights", "log_image", "log_text", "require_role"]
 
 
 def require_role(task: L.LightningModule, modalities: dict[str, Modality], role: str, kind: type) -> Any:
@@ -63,3 +63,35 @@ def log_image(task: L.LightningModule, tag: str, image: "np.ndarray | Tensor") -
             path = Path(logger.log_dir) / tag / f"step_{step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_png(chw.contiguous(), str(path))
+
+
+def adamw_cosine(task: L.LightningModule, *, fused: bool = False) -> dict:
+    """AdamW with weight decay on matrices and embeddings only (not norms or biases), and nanoGPT's warmup-then-cosine
+    schedule stepped every batch, from the task's hyperparameters (``learning_rate``, ``min_learning_rate``,
+    ``warmup_steps``, ``lr_decay_steps``, ``weight_decay``, ``betas``)."""
+    import torch
+
+    from mmgen.tasks.language_model import cosine_schedule
+
+    hp = task.hparams
+    params = [p for p in task.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
+    ratio = hp.min_learning_rate / hp.learning_rate
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_schedule(
+        step, warmup_steps=hp.warmup_steps, decay_steps=hp.lr_decay_steps, min_ratio=ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def load_weights(task: L.LightningModule, state_dict: dict, path: str | Path) -> None:
+    """``init_from``: a checkpoint's weights into ``task``; weights of another architecture are a CheckpointError."""
+    from mmgen.checkpoint import CheckpointError
+
+    try:
+        task.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"init_from {path}: its weights do not fit this model; use the checkpoint's "
+                              f"architecture settings ({exc})".replace("\n", " ")) from None

@@ -6,9 +6,7 @@ Notation: ``b`` batch, ``s`` sequence, ``d`` model width, ``v`` vocabulary.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -20,7 +18,7 @@ from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import DecoderCache, TransformerStack
 from mmgen.modality import Modality, TextModality
 from mmgen.sampling import sample_next
-from mmgen.tasks.common import log_text, require_role
+from mmgen.tasks.common import adamw_cosine, load_weights, log_text, require_role
 
 __all__ = ["GPT", "LanguageModel", "cosine_schedule"]
 
@@ -114,7 +112,7 @@ class LanguageModel(L.LightningModule):
                                        {"text": self.text})
         self.net = GPT(self.text, num_layers, num_heads, d_model, block_size, dropout, bias, tie_embeddings)
         if init is not None:
-            _load_weights(self, init["state_dict"], init_from)
+            load_weights(self, init["state_dict"], init_from)
 
     # ---- training ----
     def on_fit_start(self) -> None:
@@ -152,19 +150,8 @@ class LanguageModel(L.LightningModule):
         log_text(self, "samples", text)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms or biases
-        no_decay = [p for p in params if p.dim() < 2]
         # Fused AdamW on the GPU, except with fp16's gradient scaler, which must unscale before the step.
-        fused = self.device.type == "cuda" and str(self.trainer.precision) != "16-mixed"
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused)
-        ratio = hp.min_learning_rate / hp.learning_rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_schedule(
-            step, warmup_steps=hp.warmup_steps, decay_steps=hp.lr_decay_steps, min_ratio=ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_cosine(self, fused=self.device.type == "cuda" and str(self.trainer.precision) != "16-mixed")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and optimizer.defaults.get("fused"):
@@ -243,11 +230,3 @@ class LanguageModel(L.LightningModule):
                 on_token(nxt)
         self.net.train(was_training)
         return ids
-
-
-def _load_weights(model: LanguageModel, state_dict: dict[str, Tensor], path: str | Path) -> None:
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise ckpt_io.CheckpointError(f"init_from {path}: its weights do not fit this model; use the checkpoint's "
-                                      f"architecture settings ({exc})".replace("\n", " ")) from None

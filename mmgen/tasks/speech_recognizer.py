@@ -10,7 +10,6 @@ Notation: ``b`` batch, ``t`` encoder frames, ``s`` target length, ``d`` model wi
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,10 +22,9 @@ from torchmetrics import Metric
 
 from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
-from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search, min_ctc_frames
+from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality
-from mmgen.tasks.common import log_image, log_text, require_role
-from mmgen.tasks.language_model import cosine_schedule
+from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
 __all__ = ["ASRNet", "SpeechRecognizer"]
 
@@ -126,12 +124,7 @@ class SpeechRecognizer(L.LightningModule):
         self.net = ASRNet(self.source, self.target, d_model, num_heads, encoder_layers, decoder_layers, d_ff,
                           encoder, conv_kernel_size, dropout)
         if init is not None:
-            try:
-                self.load_state_dict(init["state_dict"])
-            except RuntimeError as exc:
-                raise ckpt_io.CheckpointError(
-                    f"init_from {init_from}: its weights do not fit this model; use the checkpoint's architecture "
-                    f"settings ({exc})".replace("\n", " ")) from None
+            load_weights(self, init["state_dict"], init_from)
         from torchmetrics.text import CharErrorRate, WordErrorRate  # here: torchmetrics.text is slow to import
 
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
@@ -166,9 +159,9 @@ class SpeechRecognizer(L.LightningModule):
         # CTC over the encoder frames.
         log_probs = self.net.ctc_head(memory).float().log_softmax(dim=-1)  # shape: (b, t, v)
         in_lengths, out_lengths = mask.sum(dim=1), tgt.lengths
-        need = torch.tensor([min_ctc_frames(row[:n]) for row, n in zip(tgt.values.tolist(), out_lengths.tolist())],
-                            device=in_lengths.device)
-        feasible = in_lengths >= need  # an utterance too short for its transcript has no CTC alignment at all
+        # CTC's length rule (mmgen.ctc.min_ctc_frames) for the whole batch: labels plus equal neighbours.
+        repeats = ((tgt.values[:, 1:] == tgt.values[:, :-1]) & tgt.mask[:, 1:]).sum(dim=1)
+        feasible = in_lengths >= out_lengths + repeats  # an utterance too short for its transcript has no CTC alignment at all
         keep = feasible.nonzero().squeeze(1)  # only the feasible rows: an infinite loss would poison the gradient
         ctc = F.ctc_loss(log_probs[keep].transpose(0, 1), tgt.values[keep], in_lengths[keep], out_lengths[keep],
                          blank=self.blank_id, reduction="sum") / max(len(keep), 1)
@@ -183,7 +176,7 @@ class SpeechRecognizer(L.LightningModule):
                               label_smoothing=self.hparams.label_smoothing, reduction="sum") / b
         w = self.hparams.ctc_weight
         return {"loss": w * ctc + (1 - w) * att, "ctc": ctc, "att": att,
-                "ctc_infeasible": (~feasible).sum().float()}
+                "ctc_infeasible": (~feasible).sum().float(), "memory": memory, "mask": mask, "log_probs": log_probs}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self._losses(batch)
@@ -198,7 +191,10 @@ class SpeechRecognizer(L.LightningModule):
         losses = self._losses(batch)
         b = batch["target"].values.shape[0]
         self.log(f"{prefix}_loss", losses["loss"], batch_size=b, sync_dist=True)
-        hyps = self.recognize(batch["source"])
+        # The encoder output of the loss serves decoding too (Lightning evaluates in eval mode, as recognize does).
+        ids = self._decode(losses["memory"], losses["mask"], losses["log_probs"], self.hparams.decoding,
+                           self.hparams.beam_size)
+        hyps = [self.target.decode(row) for row in ids]
         refs = batch["text"]
         wer.update(hyps, refs)
         cer.update(hyps, refs)
@@ -238,17 +234,7 @@ class SpeechRecognizer(L.LightningModule):
         self._log_transcripts("test_transcripts")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=hp.learning_rate, betas=tuple(hp.betas))
-        ratio = hp.min_learning_rate / hp.learning_rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_schedule(
-            step, warmup_steps=hp.warmup_steps, decay_steps=hp.lr_decay_steps, min_ratio=ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_cosine(self)
 
     # ---- checkpoints ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -273,19 +259,23 @@ class SpeechRecognizer(L.LightningModule):
         try:
             memory, mask = self.net.encode(features.values.to(self.device), features.mask.to(self.device))
             log_probs = self.net.ctc_head(memory).float().log_softmax(dim=-1)
-            lengths = mask.sum(dim=1)
-            if decoding == "ctc_greedy":
-                ids = ctc_greedy(log_probs, lengths, self.blank_id)
-            elif decoding == "ctc_beam":
-                ids = [ctc_prefix_beam_search(lp[:n], self.blank_id, beam_size)[0][0]
-                       for lp, n in zip(log_probs, lengths.tolist())]
-            elif decoding == "attention":
-                ids = self._attention_beam_search(memory, mask, log_probs, beam_size)
-            else:
-                raise ValueError(f"decoding={decoding!r}; accepted: 'ctc_greedy', 'ctc_beam', 'attention'")
+            ids = self._decode(memory, mask, log_probs, decoding, beam_size)
         finally:
             self.net.train(was_training)
         return [self.target.decode(row) for row in ids]
+
+    def _decode(self, memory: Tensor, mask: Tensor, log_probs: Tensor, decoding: Decoding,
+                beam_size: int) -> list[list[int]]:
+        """Encoder output (b, t, d), its mask and CTC log-probabilities -> label ids per utterance."""
+        lengths = mask.sum(dim=1)
+        if decoding == "ctc_greedy":
+            return ctc_greedy(log_probs, lengths, self.blank_id)
+        if decoding == "ctc_beam":
+            return [ctc_prefix_beam_search(lp[:n], self.blank_id, beam_size)[0][0]
+                    for lp, n in zip(log_probs, lengths.tolist())]
+        if decoding == "attention":
+            return self._attention_beam_search(memory, mask, log_probs, beam_size)
+        raise ValueError(f"decoding={decoding!r}; accepted: 'ctc_greedy', 'ctc_beam', 'attention'")
 
     @torch.inference_mode()
     def attention_map(self, features: Tensor, text: str) -> Tensor:
