@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--splits", nargs="+", default=["standard"])
     p.add_argument("--split-args", nargs="*", default=[], help="SPLIT=ARGS: extra overrides for one split")
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--threads", type=int, help="CPU threads per job; default the cores divided by --parallel")
     p.add_argument("--test-ckpt", choices=["last", "best"], default="last",
                    help="test the last checkpoint (default) or the best by the recipe's validation metric")
     p.add_argument("--out", required=True)
@@ -119,7 +120,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(run_job(json.loads(a.job))))
         return
     per_split = dict(item.split("=", 1) for item in a.split_args)
-    threads = max(1, (os.cpu_count() or 1) // a.parallel)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.parallel)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads, "test_ckpt": a.test_ckpt,
                  "extra": [*a.extra, *shlex.split(per_split.get(s, ""))],

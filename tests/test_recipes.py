@@ -15,8 +15,8 @@ from mmgen.config import ConfigError, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "text").glob("*.yaml"))  # speech recipes: tests/speech/test_speech_recipes.py
-SMALL = ["--data.batch_size", "2", "--model.block_size", "16", "--data.val_batches", "1", "--model.sample_tokens",
-         "8", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+SMALL = ["--data.batch_size", "2", "--model.block_size", "16", "--data.val_batches", "1", "--data.val_batch_size", "2",
+         "--model.sample_tokens", "8", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
 
 
 def test_recipes_exist() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import soundfile as sf
@@ -85,7 +85,18 @@ class LogMelFrames(AudioModality):
         win_ms: analysis window in milliseconds.
         hop_ms: frame hop in milliseconds (the frame rate is ``1000 / hop_ms``).
         n_fft: FFT size; default the next power of two at or above the window.
+        f_min: lowest frequency of the mel filterbank, in Hz.
+        f_max: highest frequency of the mel filterbank, in Hz; default half the sample rate.
+        top_db: floor of the log-mel at this many dB below the utterance's loudest bin (none: no floor beyond
+            numerical safety). Recordings whose silence or empty bands sit at very different levels (a noise gate,
+            a low-pass microphone) then look alike there.
+        normalize: ``band``: each mel band to zero mean and unit variance over the utterance's frames; ``utterance``:
+            each band to zero mean, all scaled by one standard deviation, so a band with no speech in it stays
+            flat instead of having its noise blown up to unit variance.
         spec_augment: SpecAugment in training (frequency and time masking; off in evaluation).
+        freq_warp: largest relative frequency warp of the training augmentation (VTLP-like vocal-tract-length
+            perturbation: each utterance's spectrum is read at frequencies scaled by a factor drawn from
+            ``[1 - freq_warp, 1 + freq_warp]``); 0 turns it off.
         freq_masks: frequency masks per utterance.
         freq_mask_width: largest frequency mask, in mel bands.
         time_masks: time masks per utterance.
@@ -95,11 +106,25 @@ class LogMelFrames(AudioModality):
     """
 
     def __init__(self, sample_rate: int = 16000, n_mels: int = 80, win_ms: float = 25.0, hop_ms: float = 10.0,
-                 n_fft: int | None = None, spec_augment: bool = True, freq_masks: int = 2,
+                 n_fft: int | None = None, f_min: float = 0.0, f_max: float | None = None,
+                 top_db: float | None = None, normalize: Literal["band", "utterance"] = "band",
+                 spec_augment: bool = True, freq_warp: float = 0.0, freq_masks: int = 2,
                  freq_mask_width: int = 15, time_masks: int = 2, time_mask_width: int = 20,
                  time_mask_ratio: float = 0.1, conv_channels: int = 144) -> None:
         if sample_rate <= 0 or n_mels <= 0 or win_ms <= 0 or hop_ms <= 0:
             raise ValueError("sample_rate, n_mels, win_ms and hop_ms must be positive")
+        f_top = f_max if f_max is not None else sample_rate / 2
+        if not 0 <= f_min < f_top <= sample_rate / 2:
+            raise ValueError(f"f_min={f_min}, f_max={f_max}; accepted: 0 <= f_min < f_max <= sample_rate / 2 "
+                             f"({sample_rate / 2:g})")
+        if top_db is not None and top_db <= 0:
+            raise ValueError(f"top_db={top_db}; accepted: a positive number of decibels, or null")
+        if normalize not in ("band", "utterance"):
+            raise ValueError(f"normalize={normalize!r}; accepted: 'band', 'utterance'")
+        if not 0 <= freq_warp < 0.5:
+            raise ValueError(f"freq_warp={freq_warp}; accepted: 0 <= freq_warp < 0.5")
+        self.f_min, self.f_max, self.top_db, self.normalize = f_min, f_max, top_db, normalize
+        self.freq_warp = freq_warp
         self.sample_rate, self.n_mels, self.win_ms, self.hop_ms = sample_rate, n_mels, win_ms, hop_ms
         self.win_length = round(sample_rate * win_ms / 1000)
         self.hop_length = round(sample_rate * hop_ms / 1000)
@@ -141,11 +166,17 @@ class LogMelFrames(AudioModality):
         if mel_fn is None:  # one transform per device: a waveform on the GPU gets its features there
             mel_fn = self._mels[str(wave.device)] = torchaudio.transforms.MelSpectrogram(
                 sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
-                hop_length=self.hop_length, n_mels=self.n_mels, power=2.0).to(wave.device)
+                hop_length=self.hop_length, n_mels=self.n_mels, f_min=self.f_min, f_max=self.f_max,
+                power=2.0).to(wave.device)
         mel = mel_fn(wave.float())  # shape: (n_mels, frames)
         logmel = mel.clamp_min(LOG_FLOOR).log().T  # shape: (frames, n_mels)
+        if self.top_db is not None:
+            logmel = logmel.clamp_min(logmel.max() - self.top_db * math.log(10) / 10)
         mean = logmel.mean(dim=0, keepdim=True)
-        std = logmel.std(dim=0, keepdim=True, unbiased=False)
+        if self.normalize == "band":
+            std = logmel.std(dim=0, keepdim=True, unbiased=False)
+        else:
+            std = (logmel - mean).square().mean().sqrt()
         return (logmel - mean) / (std + 1e-5)
 
     def encode(self, item: str | Path | tuple[Tensor, int]) -> Tensor:
@@ -175,8 +206,11 @@ class LogMelFrames(AudioModality):
     def adapter(self, d_model: int) -> nn.Module:
         augment = None
         if self.spec_augment:
+            warp = None
+            if self.freq_warp > 0:
+                warp = FrequencyWarp(self.n_mels, self.f_min, self.f_max or self.sample_rate / 2, self.freq_warp)
             augment = SpecAugment(self.freq_masks, self.freq_mask_width, self.time_masks, self.time_mask_width,
-                                  self.time_mask_ratio)
+                                  self.time_mask_ratio, warp)
         return ConvSubsampling(self.n_mels, d_model, self.conv_channels, augment)
 
     def head(self, d_model: int, adapter: nn.Module | None = None) -> nn.Module:
@@ -184,12 +218,46 @@ class LogMelFrames(AudioModality):
                                   "output head")
 
 
+class FrequencyWarp(nn.Module):
+    """VTLP-like frequency warping of log-mel frames, a fresh factor for every utterance (training augmentation).
+
+    Band ``i`` of the output takes the input's value at ``alpha`` times the band's centre frequency, interpolated
+    linearly between band centres on the mel scale (edges repeat), with ``alpha`` uniform in ``[1 - w, 1 + w]``:
+    a longer or shorter vocal tract moves every formant by about one factor. Written here because torchaudio has
+    no vocal-tract-length perturbation; warping the mel frames, instead of the spectrum before the filterbank,
+    keeps it on the model's device and costs one gather.
+    """
+
+    def __init__(self, n_mels: int, f_min: float, f_max: float, max_warp: float) -> None:
+        super().__init__()
+        self.max_warp = max_warp
+        mel_lo, mel_hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (f_min, f_max))  # torchaudio's HTK scale
+        step = (mel_hi - mel_lo) / (n_mels + 1)
+        centres_mel = mel_lo + step * torch.arange(1, n_mels + 1, dtype=torch.float64)
+        self.register_buffer("centres_hz", 700.0 * (10 ** (centres_mel / 2595.0) - 1.0), persistent=False)
+        self.mel_lo, self.step = mel_lo, step
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (b, frames, n_mels) -> the same, each utterance warped by its own factor."""
+        b, _, f = x.shape
+        alpha = 1.0 + (torch.rand(b, 1, device=x.device, dtype=torch.float64) * 2 - 1) * self.max_warp
+        source_mel = 2595.0 * torch.log10(1.0 + self.centres_hz[None] * alpha / 700.0)  # shape: (b, f)
+        pos = ((source_mel - self.mel_lo) / self.step - 1).clamp(0, f - 1).to(x.dtype)  # fractional band index
+        lo = pos.floor().long().clamp(max=f - 2) if f > 1 else pos.long()
+        frac = (pos - lo)[:, None, :]
+        hi = (lo + 1).clamp(max=f - 1)
+        take = lambda idx: x.gather(2, idx[:, None, :].expand_as(x))  # noqa: E731
+        return take(lo) * (1 - frac) + take(hi) * frac
+
+
 class SpecAugment(nn.Module):
-    """SpecAugment's frequency and time masking (torchaudio's transforms), a fresh mask for every utterance."""
+    """SpecAugment's frequency and time masking (torchaudio's transforms), a fresh mask for every utterance, after an
+    optional frequency warp."""
 
     def __init__(self, freq_masks: int, freq_mask_width: int, time_masks: int, time_mask_width: int,
-                 time_mask_ratio: float) -> None:
+                 time_mask_ratio: float, warp: nn.Module | None = None) -> None:
         super().__init__()
+        self.warp = warp
         self.freq = nn.ModuleList(torchaudio.transforms.FrequencyMasking(freq_mask_width, iid_masks=True)
                                   for _ in range(freq_masks))
         self.time = nn.ModuleList(torchaudio.transforms.TimeMasking(time_mask_width, iid_masks=True,
@@ -197,6 +265,8 @@ class SpecAugment(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (b, frames, n_mels) -> the same with masked bands and spans set to 0 (the normalised mean)."""
+        if self.warp is not None:
+            x = self.warp(x)
         y = x.transpose(1, 2)[:, None]  # shape: (b, 1, n_mels, frames), torchaudio's layout
         for mask in (*self.freq, *self.time):
             y = mask(y)

@@ -88,3 +88,17 @@ def test_split_is_first_and_last_part(corpus) -> None:
     assert tok.decode(dm._train_ids.long()) == text[:n] and tok.decode(dm._val_ids.long()) == text[n:]
     with pytest.raises(ValueError, match="val_fraction"):
         TextDataModule(CharTokenizer(), path=str(corpus), val_fraction=1.5)
+
+
+def test_validation_batches_have_their_own_size(corpus) -> None:
+    dm = TextDataModule(CharTokenizer(), path=str(corpus), block_size=8, batch_size=2, val_batches=3,
+                        val_batch_size=5)
+    dm.setup("fit")
+    val = list(dm.val_dataloader())
+    assert [x.shape for x, _ in val] == [torch.Size([5, 8])] * 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(val, dm.val_dataloader()))  # a fixed set
+    train_x, _ = next(iter(dm.train_dataloader()))
+    assert train_x.shape == (2, 8)
+    default = TextDataModule(CharTokenizer(), path=str(corpus), block_size=8, batch_size=2, val_batches=1)
+    default.setup("fit")
+    assert next(iter(default.val_dataloader()))[0].shape == (2, 8)

@@ -37,6 +37,64 @@ def test_features_are_torchaudio_log_mel_normalised_per_utterance(tmp_path: Path
     assert m.spec == AudioSpec(sample_rate=8000, num_features=40, frame_rate=100.0, subsampling=4)
 
 
+def test_top_db_floor_band_limits_and_utterance_normalisation(tmp_path: Path) -> None:
+    rate = 8000
+    wave = tone(0.5, rate)
+    wave[: rate // 4] = np.random.default_rng(1).normal(0, 1e-5, rate // 4)  # a quiet first half: a noise floor
+    path = write_wav(tmp_path / "a.wav", wave, rate, subtype="FLOAT")
+    m = audio(top_db=40.0, normalize="utterance", f_min=100.0, f_max=3400.0)
+    feats = m.encode(path)
+    mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=256, win_length=200, hop_length=80, n_mels=40,
+                                               f_min=100.0, f_max=3400.0)
+    ref = mel(torch.from_numpy(wave)).clamp_min(1e-10).log().T
+    ref = ref.clamp_min(ref.max() - 4 * np.log(10))  # 40 dB below the loudest bin, in natural-log units
+    ref = ref - ref.mean(0)
+    ref = ref / (ref.square().mean().sqrt() + 1e-5)  # one scale for the whole utterance
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats.mean(0), torch.zeros(40), atol=1e-5, rtol=0)  # every band centred
+    assert abs(float(feats.square().mean()) - 1.0) < 1e-4  # unit variance over all bands together
+    quiet = feats[5:20]  # frames of the noise floor: all at the floor, so one value per band
+    assert torch.allclose(quiet, quiet[:1].expand_as(quiet), atol=1e-5)
+    plain = audio().encode(path)[5:20]
+    assert not torch.allclose(plain, plain[:1].expand_as(plain), atol=1e-2)  # without the floor the noise shows
+
+
+@pytest.mark.parametrize("bad", [dict(top_db=0.0), dict(normalize="global"), dict(f_max=5000.0),
+                                 dict(f_min=3000.0, f_max=2000.0), dict(freq_warp=0.6)])
+def test_bad_feature_options_say_what_is_accepted(bad: dict) -> None:
+    with pytest.raises(ValueError, match="accepted"):
+        audio(**bad)
+
+
+def test_frequency_warp_moves_spectral_peaks_and_is_identity_at_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmgen_audio import FrequencyWarp
+
+    warp = FrequencyWarp(40, 0.0, 4000.0, 0.2)
+    x = torch.zeros(3, 5, 40)
+    x[:, :, 20] = 1.0  # a peak at band 20
+    factors = torch.tensor([[0.5], [1.0], [0.0]], dtype=torch.float64)  # rand -> alpha 1.0, 1.2, 0.8
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: factors)  # fixes each utterance's warp factor
+    y = warp(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(y[0], x[0])  # alpha 1: unchanged
+    peak = y.argmax(dim=2)[:, 0]
+    assert peak[1] < 20 < peak[2]  # read at 1.2x the frequency, the peak comes lower; at 0.8x, higher
+    assert torch.allclose(y.sum(dim=2)[0], torch.ones(5))
+
+
+def test_frequency_warp_only_in_training_with_spec_augment() -> None:
+    torch.manual_seed(0)
+    adapter = audio(freq_warp=0.1, freq_masks=0, time_masks=0).adapter(16)
+    assert adapter.augment.warp is not None
+    x = torch.randn(2, 30, 40)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    adapter.eval()
+    torch.testing.assert_close(adapter(x, mask)[0], adapter(x, mask)[0])
+    warped = adapter.augment(x)
+    assert warped.shape == x.shape and not torch.allclose(warped, x)
+    assert audio().adapter(16).augment.warp is None  # off by default
+
+
 def test_other_rate_is_resampled_and_stereo_mixed_down(tmp_path: Path) -> None:
     wave = tone(0.4, 16000, freq=300)
     mono16 = write_wav(tmp_path / "m16.wav", wave, 16000, subtype="FLOAT")
