@@ -65,7 +65,8 @@ def run_job(job: dict) -> dict:
 
 
 def every_decoding(ckpt: str, dm) -> dict:
-    """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's."""
+    """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's.
+    ``attention_lexicon`` is the attention beam search held to the words of the training transcripts."""
     from collections import Counter
 
     import torch
@@ -74,13 +75,17 @@ def every_decoding(ckpt: str, dm) -> dict:
     import mmgen
 
     model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    decodings = ("ctc_greedy", "ctc_beam", "attention")
+    decodings = ("ctc_greedy", "ctc_beam", "attention", "attention_lexicon")
     hyps: dict[str, list[str]] = {d: [] for d in decodings}
     refs: list[str] = []
+    own_lexicon = model.hparams.lexicon
+    words = sorted({w for u in dm._all_splits()["train"] for w in u.text.split()})
     for batch in dm.test_dataloader():
         refs += batch["text"]
         for d in decodings:
-            hyps[d] += model.recognize(batch["source"], d)
+            model.hparams.lexicon = words if d == "attention_lexicon" else own_lexicon
+            hyps[d] += model.recognize(batch["source"], "attention" if d == "attention_lexicon" else d)
+    model.hparams.lexicon = own_lexicon
     errors = Counter((r, h) for r, h in zip(refs, hyps[model.hparams.decoding]) if r != h)
     return {"test_wer_by_decoding": {d: float(word_error_rate(hyps[d], refs)) for d in decodings},
             "frequent_errors": [f"{r} -> {h} ({n})" for (r, h), n in errors.most_common(8)]}

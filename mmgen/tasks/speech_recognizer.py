@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search
-from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality
+from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
 __all__ = ["ASRNet", "SpeechRecognizer"]
@@ -98,6 +98,9 @@ class SpeechRecognizer(L.LightningModule):
         beam_size: beam width of the beam searches.
         ctc_rescore_weight: weight of the CTC log-likelihood when rescoring the attention n-best.
         max_target_length: longest transcript the attention decoder may produce.
+        lexicon: words the attention beam search may spell: ``train`` (every word of the training transcripts,
+            collected when the run starts and saved with the checkpoint) or a list of words; none by default
+            (free spelling, character by character). With a lexicon every hypothesis is a sequence of known words.
         log_transcripts: transcripts (with their errors) logged at every validation.
         init_from: a checkpoint whose weights and modality state start this run (fine-tuning); the optimiser starts
             fresh. Resuming a run is ``--ckpt_path`` instead.
@@ -110,11 +113,15 @@ class SpeechRecognizer(L.LightningModule):
                  learning_rate: float = 1e-3, min_learning_rate: float = 1e-5, warmup_steps: int = 300,
                  lr_decay_steps: int = 5000, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.98),
                  decoding: Decoding = "attention", beam_size: int = 4, ctc_rescore_weight: float = 0.3,
-                 max_target_length: int = 300, log_transcripts: int = 6, init_from: str | None = None) -> None:
+                 max_target_length: int = 300, log_transcripts: int = 6,
+                 lexicon: Literal["train"] | list[str] | None = None, init_from: str | None = None) -> None:
         super().__init__()
         if not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight={ctc_weight}; accepted: a number from 0 (attention only) to 1 (CTC only)")
+        if isinstance(lexicon, str) and lexicon != "train":
+            raise ValueError(f"lexicon={lexicon!r}; accepted: 'train', a list of words, or null")
         self.save_hyperparameters(ignore=["modalities", "init_from"])
+        self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
         self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
         self.target: TextModality = require_role(self, modalities, "target", TextModality)
         init = None
@@ -146,6 +153,66 @@ class SpeechRecognizer(L.LightningModule):
         return spec.blank_id if spec.blank_id is not None else spec.pad_id
 
     # ---- training ----
+    def setup(self, stage: str) -> None:
+        if self.hparams.lexicon == "train":
+            dm = self.trainer.datamodule if self.trainer is not None else None
+            splits = dm._all_splits() if dm is not None and hasattr(dm, "_all_splits") else {}
+            if "train" not in splits:
+                raise ValueError("lexicon 'train' needs the training transcripts (a speech data module with a train "
+                                 "split); give the words as a list instead")
+            # The words become a hyperparameter, so the checkpoint carries them to `mmgen.load(...).transcribe`.
+            self.hparams.lexicon = sorted({w for u in splits["train"] for w in u.text.split()})
+            self._tries.clear()
+
+    def _lexicon_trie(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """The lexicon as a character trie: ``allowed`` (nodes, v) says which ids may follow each node, ``step``
+        (nodes, v) gives the node an id leads to. Node 0 is a word's start; a space (after a whole word) leads back
+        to it, and ``<eos>`` may follow a whole word. Written here: torchaudio's lexicon decoder is CTC-only and
+        needs flashlight-text."""
+        words = self.hparams.lexicon
+        if not words:
+            return None
+        if words == "train":
+            raise ValueError("lexicon 'train' has not been collected: the model was not set up with its training "
+                             "data; give the words as a list instead")
+        key = (str(device), tuple(words))  # the words may be changed between calls (benchmarks compare decodings)
+        if key not in self._tries:
+            spec = self.target.spec
+            v = spec.vocab_size
+            children: list[dict[int, int]] = [{}]
+            whole = [False]
+
+            def spellable(text: str) -> bool:
+                try:
+                    return self.target.decode(self.target.encode(text)) == text
+                except VocabularyError:
+                    return False
+
+            for word in words:
+                if not word or not spellable(word):
+                    raise ValueError(f"lexicon word {word!r} cannot be spelled with the model's vocabulary of "
+                                     f"{v} ids; accepted: words made of the transcripts' characters")
+                node = 0
+                for i in self.target.encode(word).tolist():
+                    if i not in children[node]:
+                        children[node][i] = len(children)
+                        children.append({})
+                        whole.append(False)
+                    node = children[node][i]
+                whole[node] = True
+            space = self.target.encode(" ").tolist() if spellable(" ") else []
+            allowed = torch.zeros(len(children), v, dtype=torch.bool)
+            step = torch.zeros(len(children), v, dtype=torch.long)
+            for node, kids in enumerate(children):
+                for i, child in kids.items():
+                    allowed[node, i], step[node, i] = True, child
+                if whole[node] and node != 0:
+                    allowed[node, spec.eos_id] = True
+                    if space:
+                        allowed[node, space[0]] = True  # step: back to node 0
+            self._tries[key] = (allowed.to(device), step.to(device))
+        return self._tries[key]
+
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on the GPU
@@ -320,11 +387,15 @@ class SpeechRecognizer(L.LightningModule):
         finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
         settled = [False] * b
         banned = [i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None]
+        trie = self._lexicon_trie(device)
+        node = torch.zeros(rows, dtype=torch.long, device=device)  # each hypothesis's place in the lexicon trie
         pending = tokens
         for step in range(max_len):
             logits = self.net.decode(pending, None, None, cache)[:, -1].float()
             logp = logits.log_softmax(dim=-1)
             logp[:, banned] = -math.inf
+            if trie is not None:
+                logp = logp.masked_fill(~trie[0][node], -math.inf)
             cand = (scores.view(rows, 1) + logp).view(b, k * v)
             top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
             beam, tok = top_idx // v, top_idx % v
@@ -342,6 +413,8 @@ class SpeechRecognizer(L.LightningModule):
             scores = top_scores.gather(1, order).masked_fill(is_eos.gather(1, order), -math.inf)
             index = (torch.arange(b, device=device)[:, None] * k + keep_beam).view(-1)
             cache.reorder(index)
+            if trie is not None:
+                node = trie[1][node.index_select(0, index), keep_tok.view(-1)]
             tokens = torch.cat([tokens.index_select(0, index), keep_tok.view(-1, 1)], dim=1)
             pending = keep_tok.view(-1, 1)
             # An utterance is settled once a finished hypothesis scores at least its best live one: scores only fall

@@ -202,3 +202,54 @@ def test_every_epoch_draws_a_new_batch_order(fsdd_items, tmp_path, monkeypatch) 
     epochs = [e for e, _ in seen]
     assert epochs == list(range(len(epochs))) and len(epochs) >= 2
     assert seen[0][1] != seen[1][1]
+
+
+def test_lexicon_trie_allows_only_known_words() -> None:
+    model = tiny(lexicon=["one", "on", "nine"])
+    allowed, step = model._lexicon_trie(torch.device("cpu"))
+    spec, enc = model.target.spec, lambda c: int(model.target.encode(c)[0])  # noqa: E731
+    ids = lambda row: {i for i in range(spec.vocab_size) if allowed[row, i]}  # noqa: E731
+    assert ids(0) == {enc("o"), enc("n")}  # a word starts with a word's first letter: no space, no <eos>
+    o = int(step[0, enc("o")])
+    assert ids(o) == {enc("n")}
+    on = int(step[o, enc("n")])
+    assert ids(on) == {enc("e"), enc(" "), spec.eos_id}  # "on" is a word, and the start of "one"
+    one = int(step[on, enc("e")])
+    assert ids(one) == {enc(" "), spec.eos_id} and int(step[one, enc(" ")]) == 0  # a space starts the next word
+    with pytest.raises(ValueError, match="lexicon word 'één' cannot be spelled"):
+        tiny(lexicon=["één"])._lexicon_trie(torch.device("cpu"))
+    with pytest.raises(ValueError, match="accepted: 'train', a list of words"):
+        tiny(lexicon="words.txt")
+
+
+def test_lexicon_constrains_attention_beam_search(trained) -> None:
+    model, _, train = trained
+    paths = [u.audio[0] for u in train]
+    free = model.transcribe(paths, decoding="attention")
+    model.hparams.lexicon = ["zero", "one"]
+    model._tries.clear()
+    try:
+        forced = model.transcribe(paths, decoding="attention")
+        model.hparams.lexicon = sorted({u.text for u in train})
+        model._tries.clear()
+        known = model.transcribe(paths, decoding="attention")
+    finally:
+        model.hparams.lexicon = None
+        model._tries.clear()
+    assert set(forced) <= {"zero", "one"} and set(forced) == {"zero", "one"}
+    assert all(h == u.text for h, u in zip(forced, train) if u.text in ("zero", "one"))
+    lexicon = {u.text for u in train}
+    assert set(known) <= lexicon
+    assert all(k == f for k, f in zip(known, free) if f in lexicon)  # a word it spells right stays right
+
+
+def test_lexicon_from_training_transcripts_travels_with_the_checkpoint(fsdd_items, tmp_path) -> None:
+    train = pick(fsdd_items, ("theo",), range(10, 11))
+    _, model = fit_asr(tmp_path, manifest(tmp_path / "train.jsonl", train), manifest(tmp_path / "val.jsonl", train),
+                       2, lexicon="train")
+    words = sorted({u.text for u in train})
+    assert model.hparams.lexicon == words
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["hyper_parameters"]["lexicon"] == words
+    loaded = mmgen.load(tmp_path / "last.ckpt")
+    assert loaded.hparams.lexicon == words
+    assert set(loaded.transcribe([u.audio[0] for u in train[:3]])) <= set(words)
