@@ -79,7 +79,7 @@ def every_decoding(ckpt: str, dm) -> dict:
     hyps: dict[str, list[str]] = {d: [] for d in decodings}
     refs: list[str] = []
     own_lexicon = model.hparams.lexicon
-    words = sorted({w for u in dm._all_splits()["train"] for w in u.text.split()})
+    words = dm.training_words()
     for batch in dm.test_dataloader():
         refs += batch["text"]
         for d in decodings:

@@ -350,6 +350,13 @@ class SpeechDataModule(L.LightningDataModule):
             self.target.fit(u.text for u in train)
         return {"source": self.source, "target": self.target}
 
+    def training_words(self) -> list[str]:
+        """The distinct words of the training transcripts, sorted (a recogniser's ``lexicon: train``)."""
+        train = self._all_splits().get("train") or []
+        if not train:
+            raise DataFileError("no training transcripts to collect a lexicon from")
+        return sorted({w for u in train for w in u.text.split()})
+
     def _check(self, name: str, items: list[Utterance]) -> tuple[list[Utterance], list[Tensor]]:
         """Transcripts must fit the vocabulary; utterances too short for CTC are counted and reported."""
         kept, labels, bad = [], [], []

@@ -155,14 +155,12 @@ class SpeechRecognizer(L.LightningModule):
     # ---- training ----
     def setup(self, stage: str) -> None:
         if self.hparams.lexicon == "train":
-            dm = self.trainer.datamodule if self.trainer is not None else None
-            splits = dm._all_splits() if dm is not None and hasattr(dm, "_all_splits") else {}
-            if "train" not in splits:
-                raise ValueError("lexicon 'train' needs the training transcripts (a speech data module with a train "
-                                 "split); give the words as a list instead")
+            dm = self.trainer.datamodule
+            if not hasattr(dm, "training_words"):
+                raise ValueError("lexicon 'train' needs the training transcripts (a speech data module); give the "
+                                 "words as a list instead")
             # The words become a hyperparameter, so the checkpoint carries them to `mmgen.load(...).transcribe`.
-            self.hparams.lexicon = sorted({w for u in splits["train"] for w in u.text.split()})
-            self._tries.clear()
+            self.hparams.lexicon = dm.training_words()
 
     def _lexicon_trie(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """The lexicon as a character trie: ``allowed`` (nodes, v) says which ids may follow each node, ``step``
