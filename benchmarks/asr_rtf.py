@@ -6,9 +6,11 @@ RTF = processing time / audio duration, the model already loaded (start-up exclu
 The peer is ``torchaudio.models.Conformer`` at Conformer-S size (d 144, 16 layers, 4 heads, FFN 576, kernel 31)
 behind torchaudio's log-mel and a x4 convolutional subsampling (8.4 M parameters): its forward pass only. mmgen's
 recogniser of the same encoder size is timed from waveform to text: log-mel, encoder, then greedy CTC, CTC prefix beam
-search, or attention beam search rescored with CTC. Weights are random for the size comparison; with random weights
-the attention decoder never says <eos> and runs to its length limit, so its time there is an upper bound. With
-``--ckpt`` the same decoders are also timed on real recordings with a trained model.
+search, attention beam search rescored with CTC, or joint CTC/attention beam search. Weights are random for the size
+comparison; with random weights the attention decoder never says <eos>, so its output is held to
+``--chars-per-second`` characters per second of audio (15: read English speech, e.g. LibriSpeech, averages about
+that), the length a real transcript of the clip would have. With ``--ckpt`` the same decoders are also timed on real
+recordings with a trained model, whose transcripts end where the model says.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class ReferenceConformer(nn.Module):
         return out
 
 
+DECODINGS = ("ctc_greedy", "ctc_beam", "attention", "joint")
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -77,6 +82,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ckpt", default=None, help="a trained recogniser, timed on --files")
     p.add_argument("--files", nargs="*", default=[])
+    p.add_argument("--chars-per-second", type=float, default=15.0,
+                   help="transcript length the random-weight attention decoders run to")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -97,10 +104,12 @@ def main() -> None:
                     feats = model.source.collate([model.source.features(w) for w in wave])  # log-mel where the model is
                     model.recognize(feats, decoding)
 
-                for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+                model.hparams.max_target_length = row["output_chars"] = round(a.chars_per_second * seconds)
+                for decoding in DECODINGS:
                     row[f"{decoding}_rtf"] = timed(lambda: recognise(decoding), a.repeats) / audio
                 row["greedy_vs_reference"] = row["ctc_greedy_rtf"] / row["reference_rtf"]
-                row["ctc_beam_vs_greedy"] = row["ctc_beam_rtf"] / row["ctc_greedy_rtf"]
+                for decoding in DECODINGS[1:]:
+                    row[f"{decoding}_vs_reference"] = row[f"{decoding}_rtf"] / row["reference_rtf"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     trained = []
@@ -111,9 +120,19 @@ def main() -> None:
 
         m = mmgen.load(a.ckpt, device=device)
         audio = sum(sf.info(f).duration for f in a.files)
+        # The peer on the same recordings (at its 16 kHz), batched the same way: sorted by length, padded.
+        waves = sorted((torchaudio.functional.resample(m.source.load(f), m.source.spec.sample_rate, 16000)
+                        for f in a.files), key=len)
         for batch in (1, a.batch):
-            row = {"files": len(a.files), "audio_s": round(audio, 2), "batch": batch}
-            for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+            chunks = []
+            for i in range(0, len(waves), batch):
+                part = waves[i:i + batch]
+                chunks.append((nn.utils.rnn.pad_sequence(part, batch_first=True).to(device),
+                               torch.tensor([len(w) for w in part], device=device)))
+            row = {"files": len(a.files), "audio_s": round(audio, 2), "batch": batch,
+                   "reference_rtf": timed(torch.inference_mode()(lambda: [ref(w, n) for w, n in chunks]),
+                                          a.repeats) / audio}
+            for decoding in DECODINGS:
                 row[f"{decoding}_rtf"] = timed(lambda: m.transcribe(a.files, decoding=decoding, batch_size=batch),
                                                a.repeats) / audio
             print(json.dumps(row), flush=True)

@@ -66,7 +66,8 @@ def run_job(job: dict) -> dict:
 
 def every_decoding(ckpt: str, dm) -> dict:
     """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's.
-    ``attention_lexicon`` is the attention beam search held to the words of the training transcripts."""
+    ``attention``/``joint`` use the checkpoint's lexicon setting, ``_lexicon`` holds them to the words of the training
+    transcripts, ``_free`` lets them spell freely."""
     from collections import Counter
 
     import torch
@@ -75,7 +76,8 @@ def every_decoding(ckpt: str, dm) -> dict:
     import mmgen
 
     model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    decodings = ("ctc_greedy", "ctc_beam", "attention", "attention_lexicon")
+    decodings = ("ctc_greedy", "ctc_beam", "attention", "joint", "attention_lexicon", "joint_lexicon",
+                 "attention_free", "joint_free")
     hyps: dict[str, list[str]] = {d: [] for d in decodings}
     refs: list[str] = []
     own_lexicon = model.hparams.lexicon
@@ -83,12 +85,19 @@ def every_decoding(ckpt: str, dm) -> dict:
     for batch in dm.test_dataloader():
         refs += batch["text"]
         for d in decodings:
-            model.hparams.lexicon = words if d == "attention_lexicon" else own_lexicon
-            hyps[d] += model.recognize(batch["source"], "attention" if d == "attention_lexicon" else d)
+            search, _, constraint = d.partition("_")
+            if search == "ctc":
+                search = d
+            model.hparams.lexicon = {"lexicon": words, "free": None}.get(constraint, own_lexicon)
+            hyps[d] += model.recognize(batch["source"], search)
     model.hparams.lexicon = own_lexicon
-    errors = Counter((r, h) for r, h in zip(refs, hyps[model.hparams.decoding]) if r != h)
+
+    def frequent(d: str) -> list[str]:
+        errors = Counter((r, h) for r, h in zip(refs, hyps[d]) if r != h)
+        return [f"{r} -> {h} ({n})" for (r, h), n in errors.most_common(8)]
+
     return {"test_wer_by_decoding": {d: float(word_error_rate(hyps[d], refs)) for d in decodings},
-            "frequent_errors": [f"{r} -> {h} ({n})" for (r, h), n in errors.most_common(8)]}
+            "frequent_errors": frequent(model.hparams.decoding), "frequent_errors_joint_lexicon": frequent("joint_lexicon")}
 
 
 def launch(job: dict) -> dict:

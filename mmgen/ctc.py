@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ctc_greedy", "ctc_prefix_beam_search", "min_ctc_frames"]
+__all__ = ["CTCPrefixScorer", "ctc_greedy", "ctc_prefix_beam_search", "min_ctc_frames"]
 
 NEG_INF = -math.inf
 
@@ -71,3 +71,62 @@ def ctc_prefix_beam_search(log_probs: Tensor, blank: int, beam_size: int = 8,
         ranked = sorted(nxt.items(), key=lambda kv: -np.logaddexp(*kv[1]))[:beam_size]
         beams = {p: (v[0], v[1]) for p, v in ranked}
     return [(list(p), float(np.logaddexp(*v))) for p, v in sorted(beams.items(), key=lambda kv: -np.logaddexp(*kv[1]))]
+
+
+class CTCPrefixScorer:
+    """CTC prefix scores for a label-synchronous beam search (joint CTC/attention decoding, Watanabe et al. 2017):
+    for every live hypothesis ``g`` (a row) and every label ``c``, ``log P_ctc(g + c ... | x)``, the probability of
+    all label sequences that start with ``g + c``; for ``eos``, the probability of exactly ``g``. A hypothesis's
+    score can only fall as it grows, and a finished one carries its full CTC log-likelihood.
+
+    Written here: torchaudio's CTC decoders are CTC-only searches and offer no prefix scorer to join to another model.
+    All rows grow together (one label per step), so the recursion skips the frames no prefix of that length can end
+    in. ``log_probs`` (rows, t, v) and ``lengths`` (rows,): each row's real frames; frames past a row's length are
+    treated as certain blanks, which leaves every probability unchanged.
+    """
+
+    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int) -> None:
+        rows, t, v = log_probs.shape
+        pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
+        x = log_probs.float().masked_fill(pad[:, :, None], NEG_INF)
+        self.x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == blank), 0.0)
+        self.blank, self.eos = blank, eos
+        self.step = 0  # labels in every live hypothesis
+        # Per row and frame: log P of the alignments of g up to that frame ending in a label (0) or a blank (1).
+        self.r = torch.stack([torch.full((rows, t), NEG_INF, device=x.device), self.x[:, :, blank].cumsum(dim=1)],
+                             dim=-1)
+        self.last = torch.full((rows,), -1, dtype=torch.long, device=x.device)  # g's last label (-1: g is empty)
+        self.prefix = torch.zeros(rows, device=x.device)  # log P_ctc(g ...)
+
+    def scores(self) -> tuple[Tensor, Tensor]:
+        """-> (``psi`` (rows, v): log prefix probability of ``g + c`` for every ``c``, and of exactly ``g`` at
+        ``eos``; the recursion's new state (rows, t, 2, v), for :meth:`advance`)."""
+        x, (rows, t, v) = self.x, self.x.shape
+        r_label, r_blank = self.r[..., 0], self.r[..., 1]
+        # phi: alignments of g that may be followed by a new label c; a repeat of g's last label needs a blank first.
+        phi = torch.logaddexp(r_label, r_blank)[:, :, None].expand(rows, t, v).clone()
+        has_last = self.last >= 0
+        if has_last.any():
+            idx = self.last.clamp_min(0)[:, None, None].expand(rows, t, 1)
+            phi.scatter_(2, idx, torch.where(has_last[:, None, None], r_blank[:, :, None], phi.gather(2, idx)))
+        new_label = torch.full((rows, t, v), NEG_INF, device=x.device)
+        new_blank = torch.full((rows, t, v), NEG_INF, device=x.device)
+        start = max(self.step, 1)  # g + c has step + 1 labels: it cannot end before frame `step`
+        if self.step == 0:
+            new_label[:, 0] = x[:, 0]
+        psi = new_label[:, start - 1].clone()
+        for f in range(start, t):
+            new_label[:, f] = torch.logaddexp(new_label[:, f - 1], phi[:, f - 1]) + x[:, f]
+            new_blank[:, f] = torch.logaddexp(new_label[:, f - 1], new_blank[:, f - 1]) + x[:, f, self.blank, None]
+            psi = torch.logaddexp(psi, phi[:, f - 1] + x[:, f])
+        psi[:, self.eos] = torch.logaddexp(r_label[:, -1], r_blank[:, -1])
+        psi[:, self.blank] = NEG_INF
+        return psi, torch.stack([new_label, new_blank], dim=2)
+
+    def advance(self, index: Tensor, labels: Tensor, psi: Tensor, state: Tensor) -> None:
+        """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (from the last :meth:`scores`)."""
+        self.r = state[index, :, :, labels]  # shape: (rows, t, 2)
+        self.prefix = psi[index, labels]
+        self.last = labels
+        self.x = self.x.index_select(0, index)
+        self.step += 1

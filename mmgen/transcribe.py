@@ -15,7 +15,7 @@ def transcribe_command(argv: list[str]) -> int:
                                 "recognition checkpoint.", allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="checkpoint path")
     p.add_argument("files", nargs="+", help="WAV or FLAC files (any sample rate; stereo is mixed down)")
-    p.add_argument("--decoding", choices=["ctc_greedy", "ctc_beam", "attention"], default=None,
+    p.add_argument("--decoding", choices=["ctc_greedy", "ctc_beam", "attention", "joint"], default=None,
                    help="default: the checkpoint's")
     p.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=16, help="files decoded together (batched by length)")

@@ -78,13 +78,16 @@ class DecoderCache:
     def max_len(self) -> int:
         return self.self_caches[0].max_len
 
-    def reorder(self, index: Tensor) -> None:
-        """Beam search: batch row ``i`` becomes old row ``index[i]`` in every layer."""
+    def reorder(self, index: Tensor, memory: bool = True) -> None:
+        """Beam search: batch row ``i`` becomes old row ``index[i]`` in every layer. ``memory=False`` leaves the
+        cross-attention caches as they are, for a reorder that keeps each row's memory (beams of one utterance,
+        which share it): the encoder's keys and values are then not copied at every step."""
         for c in self.self_caches:
             c.reorder(index)
-        for c in self.cross_caches:
-            if c is not None:
-                c.reorder(index)
+        if memory:
+            for c in self.cross_caches:
+                if c is not None:
+                    c.reorder(index)
 
     def reset(self) -> None:
         for c in self.self_caches:

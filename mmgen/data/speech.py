@@ -24,11 +24,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmgen.ctc import min_ctc_frames
+from mmgen.data.augment import WaveAugment
 from mmgen.data.paths import DataFileError, resolve
 from mmgen.modality import AudioFileError, AudioModality, Modality, TextModality, VocabularyError
 
 __all__ = ["DurationBatchSampler", "FSDDDataModule", "ManifestDataModule", "ManifestError", "SpeechDataModule",
-           "Utterance", "connected_digits", "fsdd_splits", "fsdd_utterances", "read_manifest", "write_manifest"]
+           "Utterance", "WaveAugment", "connected_digits", "fsdd_splits", "fsdd_utterances", "read_manifest",
+           "write_manifest"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -228,18 +230,21 @@ class _EpochSetter:
 class UtteranceDataset(Dataset):
     """Utterance -> (features, label ids, transcript). With ``cache``, waveforms (per file) and features are kept in
     memory after their first use; with ``speeds`` (training only), each fetch plays the utterance at a speed drawn
-    from that list (Kaldi-style speed perturbation: resampled, so tempo and pitch change together) and its features
-    are recomputed."""
+    from that list (Kaldi-style speed perturbation: resampled, so tempo and pitch change together), then, with
+    ``augment`` (training only), through a random :class:`WaveAugment`; either way its features are recomputed at
+    every fetch (only the waveforms are cached). The random draws come from ``seed`` (and a loader worker's id)."""
 
     def __init__(self, items: Sequence[Utterance], source: AudioModality, target: TextModality, gap: float,
                  cache: bool, skip_bad: bool, speeds: Sequence[float] | None = None, seed: int = 0,
-                 labels: Sequence[Tensor] | None = None) -> None:
+                 labels: Sequence[Tensor] | None = None, augment: WaveAugment | None = None) -> None:
         self.items, self.source, self.target = list(items), source, target
         # Label ids, encoded once (the data module's check has already encoded them).
         self.labels = list(labels) if labels is not None else [target.encode(u.text) for u in self.items]
         self.gap, self.cache, self.skip_bad = gap, cache, skip_bad
         self.speeds = tuple(speeds) if speeds else None
-        self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self.perturbed = self.speeds is not None or augment is not None  # features differ at every fetch
+        self.seed, self.rng, self._rng_worker = seed, np.random.default_rng(seed), None
         self._features: dict[int, Tensor] = {}
         self._waves: dict[str, Tensor] = {}
         self.skipped = 0
@@ -251,7 +256,7 @@ class UtteranceDataset(Dataset):
         wave = self._waves.get(path)
         if wave is None:
             wave = self.source.load(path)
-            if self.cache and self.speeds:
+            if self.cache and self.perturbed:
                 self._waves[path] = wave
         return wave
 
@@ -263,21 +268,31 @@ class UtteranceDataset(Dataset):
         silence = torch.zeros(round(self.gap * self.source.spec.sample_rate))
         return torch.cat([w for p in u.audio for w in (self._load(p), silence)][:-1])
 
+    def _draws(self) -> np.random.Generator:
+        """The generator of speeds and augmentation; a loader worker reseeds its copy from ``(seed, worker id)``, so
+        workers do not repeat each other's draws."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._rng_worker != info.id:
+            self.rng, self._rng_worker = np.random.default_rng([self.seed, info.id]), info.id
+        return self.rng
+
     def features(self, i: int) -> Tensor:
         if i in self._features:
             return self._features[i]
         u = self.items[i]
         try:
             wave = self.waveform(i)
+            rate = self.source.spec.sample_rate
             if self.speeds:
-                speed = float(self.rng.choice(self.speeds))
+                speed = float(self._draws().choice(self.speeds))
                 if speed != 1.0:
-                    rate = self.source.spec.sample_rate
                     wave = torchaudio.functional.resample(wave, round(rate * speed), rate)
+            if self.augment is not None:
+                wave = self.augment(wave, rate, self._draws())
             feats = self.source.features(wave)
         except AudioFileError as exc:
             raise AudioFileError(f"{u.where}: {exc}" if u.where and u.where not in str(exc) else str(exc)) from None
-        if self.cache and not self.speeds:
+        if self.cache and not self.perturbed:
             self._features[i] = feats
         return feats
 
@@ -317,9 +332,11 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(self, source: AudioModality, target: TextModality, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 1337, skip_bad: bool = False, cache_features: bool = True,
-                 speed_perturb: list[float] | None = None) -> None:
+                 speed_perturb: list[float] | None = None, augment: WaveAugment | None = None) -> None:
         super().__init__()
-        self.speed_perturb = speed_perturb
+        if augment is not None:
+            augment.check(source.spec.sample_rate)
+        self.speed_perturb, self.augment = speed_perturb, augment
         self.source, self.target = source, target
         self.data_dir = data_dir
         self.max_batch_seconds, self.max_batch_size = max_batch_seconds, max_batch_size
@@ -397,7 +414,7 @@ class SpeechDataModule(L.LightningDataModule):
             self._datasets[name] = UtteranceDataset(items, self.source, self.target, self.gap,
                                                     self.cache_features, self.skip_bad,
                                                     self.speed_perturb if name == "train" else None, self.seed,
-                                                    labels)
+                                                    labels, self.augment if name == "train" else None)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self._datasets[name]
@@ -434,17 +451,20 @@ class ManifestDataModule(SpeechDataModule):
         seed: seed of the batch order.
         skip_bad: skip unreadable files, malformed lines and transcripts outside the vocabulary with a warning and a
             count, instead of stopping at the first.
-        cache_features: keep features in memory after their first computation.
+        cache_features: keep features in memory after their first computation (of the training split only without
+            ``speed_perturb`` and ``augment``, whose features change at every fetch; its waveforms are kept instead).
         speed_perturb: training speeds to draw from, e.g. ``[0.9, 1.0, 1.1]`` (speed perturbation); none by default.
+        augment: training waveform augmentation after speed perturbation (:class:`~mmgen.data.augment.WaveAugment`:
+            noise, reverberation, band-limiting, gain); none by default. Validation and test are never augmented.
     """
 
     def __init__(self, source: AudioModality, target: TextModality, train_manifest: str | None = None,
                  val_manifest: str | None = None, test_manifest: str | None = None, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 1337, skip_bad: bool = False, cache_features: bool = True,
-                 speed_perturb: list[float] | None = None) -> None:
+                 speed_perturb: list[float] | None = None, augment: WaveAugment | None = None) -> None:
         super().__init__(source, target, data_dir, max_batch_seconds, max_batch_size, num_workers, seed, skip_bad,
-                         cache_features, speed_perturb)
+                         cache_features, speed_perturb, augment)
         self.train_manifest, self.val_manifest, self.test_manifest = train_manifest, val_manifest, test_manifest
 
     def splits(self) -> dict[str, list[Utterance]]:
@@ -481,8 +501,11 @@ class FSDDDataModule(SpeechDataModule):
         num_workers: data-loader worker processes.
         seed: seed of the batch order.
         skip_bad: skip unreadable files with a warning and a count.
-        cache_features: keep features in memory after their first computation.
+        cache_features: keep features in memory after their first computation (of the training split only without
+            ``speed_perturb`` and ``augment``, whose features change at every fetch; its waveforms are kept instead).
         speed_perturb: training speeds to draw from, e.g. ``[0.9, 1.0, 1.1]`` (speed perturbation); none by default.
+        augment: training waveform augmentation after speed perturbation (:class:`~mmgen.data.augment.WaveAugment`:
+            noise, reverberation, band-limiting, gain); none by default. Validation and test are never augmented.
     """
 
     def __init__(self, source: AudioModality, target: TextModality, path: str = "fsdd/recordings",
@@ -492,9 +515,10 @@ class FSDDDataModule(SpeechDataModule):
                  connected_seed: int = 0, speakers: list[str] | None = None, data_dir: str | None = None,
                  max_batch_seconds: float = 200.0,
                  max_batch_size: int | None = None, num_workers: int = 0, seed: int = 1337, skip_bad: bool = False,
-                 cache_features: bool = True, speed_perturb: list[float] | None = None) -> None:
+                 cache_features: bool = True, speed_perturb: list[float] | None = None,
+                 augment: WaveAugment | None = None) -> None:
         super().__init__(source, target, data_dir, max_batch_seconds, max_batch_size, num_workers, seed, skip_bad,
-                         cache_features, speed_perturb)
+                         cache_features, speed_perturb, augment)
         if split not in ("standard", "speaker"):
             raise ValueError(f"split={split!r}; accepted: 'standard' or 'speaker'")
         self.path, self.split, self.test_speaker = path, split, test_speaker

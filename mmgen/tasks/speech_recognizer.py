@@ -22,13 +22,13 @@ from torchmetrics import Metric
 
 from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
-from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search
+from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
 __all__ = ["ASRNet", "SpeechRecognizer"]
 
-Decoding = Literal["ctc_greedy", "ctc_beam", "attention"]
+Decoding = Literal["ctc_greedy", "ctc_beam", "attention", "joint"]
 
 
 class ASRNet(nn.Module):
@@ -94,9 +94,12 @@ class SpeechRecognizer(L.LightningModule):
         weight_decay: AdamW weight decay on 2-D weights.
         betas: AdamW betas.
         decoding: how validation, test and :meth:`transcribe` decode: ``ctc_greedy``, ``ctc_beam`` (CTC prefix beam
-            search) or ``attention`` (attention beam search, the n-best rescored with CTC).
+            search), ``attention`` (attention beam search, the n-best rescored with CTC) or ``joint`` (attention beam
+            search scored with CTC prefix probabilities at every step, so a hypothesis that drops or repeats a word
+            falls behind as it is made, not only at the end).
         beam_size: beam width of the beam searches.
-        ctc_rescore_weight: weight of the CTC log-likelihood when rescoring the attention n-best.
+        ctc_rescore_weight: weight λ of CTC in the attention beam searches, scoring ``(1 - λ) log p_att + λ log p_ctc``:
+            of the n-best's full CTC log-likelihood (``attention``) or of every prefix (``joint``).
         max_target_length: longest transcript the attention decoder may produce.
         lexicon: words the attention beam search may spell: ``train`` (every word of the training transcripts,
             collected when the run starts and saved with the checkpoint) or a list of words; none by default
@@ -122,6 +125,7 @@ class SpeechRecognizer(L.LightningModule):
             raise ValueError(f"lexicon={lexicon!r}; accepted: 'train', a list of words, or null")
         self.save_hyperparameters(ignore=["modalities", "init_from"])
         self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
+        self._decoders: dict[tuple, object] = {}  # built on first use
         self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
         self.target: TextModality = require_role(self, modalities, "target", TextModality)
         init = None
@@ -336,11 +340,25 @@ class SpeechRecognizer(L.LightningModule):
         if decoding == "ctc_greedy":
             return ctc_greedy(log_probs, lengths, self.blank_id)
         if decoding == "ctc_beam":
+            if log_probs.is_cuda and self.blank_id == 0:
+                return self._cuda_ctc_beam(log_probs, lengths, beam_size)
             return [ctc_prefix_beam_search(lp[:n], self.blank_id, beam_size)[0][0]
                     for lp, n in zip(log_probs, lengths.tolist())]
-        if decoding == "attention":
-            return self._attention_beam_search(memory, mask, log_probs, beam_size)
-        raise ValueError(f"decoding={decoding!r}; accepted: 'ctc_greedy', 'ctc_beam', 'attention'")
+        if decoding in ("attention", "joint"):
+            return self._attention_beam_search(memory, mask, log_probs, beam_size, joint=decoding == "joint")
+        raise ValueError(f"decoding={decoding!r}; accepted: 'ctc_greedy', 'ctc_beam', 'attention', 'joint'")
+
+    def _cuda_ctc_beam(self, log_probs: Tensor, lengths: Tensor, beam_size: int) -> list[list[int]]:
+        """CTC prefix beam search on the GPU, batched: torchaudio's CUDA decoder (it needs blank id 0). Frames whose
+        blank probability exceeds 0.999 are skipped, which changes no result this side of rounding."""
+        from torchaudio.models.decoder import cuda_ctc_decoder
+
+        key = ("cuda_ctc", beam_size)
+        if key not in self._decoders:
+            self._decoders[key] = cuda_ctc_decoder([str(i) for i in range(log_probs.shape[-1])], nbest=1,
+                                                   beam_size=beam_size, blank_skip_threshold=0.999)
+        hyps = self._decoders[key](log_probs.float().contiguous(), lengths.to(torch.int32))
+        return [list(h[0].tokens) if h else [] for h in hyps]
 
     @torch.inference_mode()
     def attention_map(self, features: Tensor, text: str) -> Tensor:
@@ -366,19 +384,36 @@ class SpeechRecognizer(L.LightningModule):
             self.net.train(was_training)
         return weights[0].mean(dim=0).float().cpu()
 
-    def _attention_beam_search(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor,
-                               k: int) -> list[list[int]]:
-        """Beam search over the attention decoder (the KV cache reordered as beams move), then the n-best of each
-        utterance rescored with ``(1 - λ) log p_att + λ log p_ctc``."""
+    def _attention_beam_search(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor, k: int,
+                               joint: bool = False) -> list[list[int]]:
+        """Beam search over the attention decoder. ``joint``: every step is scored ``(1 - λ) log p_att +
+        λ log p_ctc(prefix)`` (:class:`~mmgen.ctc.CTCPrefixScorer`), so a finished hypothesis carries
+        ``(1 - λ) log p_att + λ log p_ctc``; otherwise the search scores the attention alone and the n-best of each
+        utterance are rescored with ``(1 - λ) log p_att + λ log p_ctc``."""
+        nbest = self._nbest(memory, mask, ctc_log_probs, k, joint)
+        if joint:
+            return [max(hyps, key=lambda h: h[1])[0] for hyps in nbest]
+        return self._ctc_rescore(nbest, ctc_log_probs, mask.sum(dim=1))
+
+    def _nbest(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor, k: int,
+               joint: bool) -> list[list[tuple[list[int], float]]]:
+        """Up to ``k`` finished hypotheses per utterance with their search scores (the KV cache reordered as beams
+        move; see :meth:`_attention_beam_search`)."""
         spec = self.target.spec
         b, t, _ = memory.shape
         v = spec.vocab_size
         device = memory.device
-        max_len = min(self.hparams.max_target_length, int(mask.sum(dim=1).max()) + 1)
+        lengths = mask.sum(dim=1)
+        max_len = min(self.hparams.max_target_length, int(lengths.max()) + 1)
         rows = b * k
         mem = memory.repeat_interleave(k, dim=0)
         mem_mask = mask.repeat_interleave(k, dim=0)
         cache = self.net.decoder.make_cache(rows, max_len + 1, memory=mem, memory_mask=mem_mask)
+        lam = self.hparams.ctc_rescore_weight
+        ctc = None
+        if joint and lam > 0:
+            ctc = CTCPrefixScorer(ctc_log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k),
+                                  self.blank_id, spec.eos_id)
         tokens = torch.full((rows, 1), spec.bos_id, dtype=torch.long, device=device)
         scores = torch.full((b, k), -math.inf, device=device)
         scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
@@ -390,11 +425,15 @@ class SpeechRecognizer(L.LightningModule):
         pending = tokens
         for step in range(max_len):
             logits = self.net.decode(pending, None, None, cache)[:, -1].float()
-            logp = logits.log_softmax(dim=-1)
-            logp[:, banned] = -math.inf
+            step_scores = logits.log_softmax(dim=-1)
+            if ctc is not None:
+                psi, ctc_state = ctc.scores()
+                gain = (psi - ctc.prefix[:, None]).nan_to_num(nan=-math.inf)  # a dead row (-inf - -inf) stays dead
+                step_scores = (1 - lam) * step_scores + lam * gain
+            step_scores[:, banned] = -math.inf
             if trie is not None:
-                logp = logp.masked_fill(~trie[0][node], -math.inf)
-            cand = (scores.view(rows, 1) + logp).view(b, k * v)
+                step_scores = step_scores.masked_fill(~trie[0][node], -math.inf)
+            cand = (scores.view(rows, 1) + step_scores).view(b, k * v)
             top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
             beam, tok = top_idx // v, top_idx % v
             is_eos = tok == spec.eos_id
@@ -410,13 +449,16 @@ class SpeechRecognizer(L.LightningModule):
             keep_beam, keep_tok = beam.gather(1, order), tok.gather(1, order)
             scores = top_scores.gather(1, order).masked_fill(is_eos.gather(1, order), -math.inf)
             index = (torch.arange(b, device=device)[:, None] * k + keep_beam).view(-1)
-            cache.reorder(index)
+            cache.reorder(index, memory=False)  # beams move within their utterance, whose memory they share
+            if ctc is not None:
+                ctc.advance(index, keep_tok.view(-1), psi, ctc_state)
             if trie is not None:
                 node = trie[1][node.index_select(0, index), keep_tok.view(-1)]
             tokens = torch.cat([tokens.index_select(0, index), keep_tok.view(-1, 1)], dim=1)
             pending = keep_tok.view(-1, 1)
             # An utterance is settled once a finished hypothesis scores at least its best live one: scores only fall
-            # as hypotheses grow, so no live one can overtake it on the attention score.
+            # as hypotheses grow (log-probabilities of the attention, and CTC prefix probabilities), so no live one
+            # can overtake it.
             best_live = scores.max(dim=1).values.tolist()
             for i in range(b):
                 if finished[i] and max(sc for _, sc in finished[i]) >= best_live[i]:
@@ -430,7 +472,7 @@ class SpeechRecognizer(L.LightningModule):
                         finished[i].append((tokens[i * k + j, 1:].tolist(), float(scores[i, j])))
             if not finished[i]:  # no finite score at all (a diverged model): an empty transcript
                 finished[i].append(([], -math.inf))
-        return self._ctc_rescore(finished, ctc_log_probs, mask.sum(dim=1))
+        return finished
 
     def _ctc_rescore(self, nbest: list[list[tuple[list[int], float]]], log_probs: Tensor,
                      lengths: Tensor) -> list[list[int]]:

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmgen.ctc import ctc_greedy, ctc_prefix_beam_search, min_ctc_frames
+from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search, min_ctc_frames
 
 
 def collapse(path: tuple[int, ...], blank: int) -> tuple[int, ...]:
@@ -73,3 +73,35 @@ def test_greedy_collapses_repeats_and_drops_blanks() -> None:
     log_probs = F.one_hot(frames, 4).float().add(1e-3).log()
     assert ctc_greedy(log_probs, torch.tensor([8, 3]), blank=0) == [[3, 3, 2], [1]]
     assert ctc_greedy(log_probs, torch.tensor([3, 1]), blank=0) == [[3], [1]]  # only real frames count
+
+
+def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering() -> None:
+    """Every prefix score is the summed probability of all label sequences that start with the prefix (and at
+    ``eos``, of exactly the prefix), by enumeration of every alignment; rows of different lengths share a padded
+    batch, and rows are reordered between steps as a beam search does."""
+    torch.manual_seed(1)
+    blank, eos, v = 0, 3, 4
+    log_probs = torch.randn(3, 5, v, dtype=torch.float64).mul(2).log_softmax(-1)
+    lengths = torch.tensor([5, 4, 2])
+    exact = [exact_label_probs(log_probs[r, :int(n)], blank) for r, n in enumerate(lengths)]
+
+    def prefix_prob(row: int, prefix: tuple[int, ...]) -> float:
+        return sum(p for labels, p in exact[row].items() if labels[:len(prefix)] == prefix)
+
+    scorer = CTCPrefixScorer(log_probs.float(), lengths, blank, eos)
+    owner, prefixes = [0, 1, 2], [(), (), ()]  # which utterance each row scores, and its hypothesis
+    for index, labels in ([[0, 1, 2], [1, 2, 2]], [[1, 0, 2], [2, 2, 1]], [[2, 2, 0], [1, 1, 2]]):
+        psi, state = scorer.scores()
+        for row in range(3):
+            for c in (1, 2, eos):
+                want = exact[owner[row]].get(prefixes[row], 0.0) if c == eos else prefix_prob(owner[row],
+                                                                                         prefixes[row] + (c,))
+                got = math.exp(float(psi[row, c]))
+                assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7), (row, prefixes[row], c, got, want)
+            assert psi[row, blank] == -math.inf
+        scorer.advance(torch.tensor(index), torch.tensor(labels), psi, state)
+        owner = [owner[i] for i in index]
+        prefixes = [prefixes[i] + (c,) for i, c in zip(index, labels)]
+        for row in range(3):  # the state's own prefix score is the chosen candidate's
+            assert math.isclose(math.exp(float(scorer.prefix[row])), prefix_prob(owner[row], prefixes[row]),
+                                rel_tol=1e-4, abs_tol=1e-7)

@@ -103,14 +103,69 @@ def test_beam_of_one_is_greedy_attention_decoding(trained) -> None:
         model.hparams.ctc_rescore_weight = TINY_ASR.get("ctc_rescore_weight", 0.3)
 
 
+@torch.inference_mode()
+def test_joint_search_finds_the_ctc_optimum_and_scores_like_rescoring(trained) -> None:
+    """With all weight on CTC, the joint search over every label is CTC's exact best sequence (by enumeration of the
+    alignments); at any weight, a finished hypothesis's score is ``(1 - λ) log p_att + λ log p_ctc``."""
+    import math
+
+    from tests.speech.test_ctc import exact_label_probs
+
+    model, _, train = trained
+    spec = model.target.spec
+    feats = model.source.collate([model.source.encode(train[0].audio[0])])
+    memory, mask = model.net.encode(feats.values, feats.mask)
+    # A 4-frame CTC distribution over blank and two letters, everything else impossible.
+    letters = model.target.encode("eo").tolist()
+    torch.manual_seed(0)
+    small = torch.randn(4, 3).mul(2).log_softmax(-1)
+    lp = torch.full((1, 4, spec.vocab_size), -math.inf)
+    lp[0, :, [model.blank_id, *letters]] = small
+    exact = exact_label_probs(small.double(), blank=0)
+    best = max(exact, key=exact.get)
+    lam = model.hparams.ctc_rescore_weight
+    try:
+        model.hparams.ctc_rescore_weight = 1.0
+        found = model._attention_beam_search(memory[:, :4], mask[:, :4], lp, k=16, joint=True)[0]
+        assert found == [letters[i - 1] for i in best]
+    finally:
+        model.hparams.ctc_rescore_weight = lam
+    # Scores: each finished hypothesis of the joint search, scored by hand from full forward passes.
+    lp = model.net.ctc_head(memory).log_softmax(-1)
+    nbest = model._nbest(memory, mask, lp, k=3, joint=True)[0]
+    assert len(nbest) >= 2
+    for hyp, score in nbest:
+        ids = torch.tensor([spec.bos_id, *hyp])[None]
+        att = float(model.net.decode(ids, memory, mask)[0].log_softmax(-1)
+                    .gather(1, torch.tensor([*hyp, spec.eos_id])[:, None]).sum())
+        ctc = -float(F.ctc_loss(lp[0], torch.tensor(hyp), [lp.shape[1]], [len(hyp)], blank=model.blank_id,
+                                reduction="sum"))
+        assert math.isclose(score, (1 - lam) * att + lam * ctc, rel_tol=1e-4, abs_tol=1e-3), (hyp, score, att, ctc)
+
+
 def test_learns_real_recordings_with_every_decoder(trained) -> None:
     model, _, train = trained
     paths = [u.audio[0] for u in train]
     refs = [u.text for u in train]
-    for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+    for decoding in ("ctc_greedy", "ctc_beam", "attention", "joint"):
         hyps = model.transcribe(paths, decoding=decoding)
         right = sum(h == r for h, r in zip(hyps, refs))
         assert right >= 0.9 * len(refs), (decoding, list(zip(refs, hyps)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchaudio's CUDA CTC decoder needs a GPU: run on the GPU "
+                    "machine (docs/benchmarks.md)")
+def test_cuda_ctc_beam_search_matches_the_cpu_search(trained) -> None:
+    model, _, train = trained
+    paths = [u.audio[0] for u in train]
+    cpu = model.transcribe(paths, decoding="ctc_beam")
+    model.cuda()
+    try:
+        gpu = model.transcribe(paths, decoding="ctc_beam")
+        assert model._decoders  # the CUDA decoder ran
+    finally:
+        model.cpu()
+    assert gpu == cpu
 
 
 def test_same_transcript_alone_and_in_a_padded_batch(trained, fsdd_items) -> None:
@@ -120,7 +175,7 @@ def test_same_transcript_alone_and_in_a_padded_batch(trained, fsdd_items) -> Non
     assert len({len(f) for f in feats}) > 3  # lengths differ: the batch is padded
     batch = model.source.collate(feats)
     memory, mask = model.net.encode(batch.values, batch.mask)
-    for decoding in ("ctc_greedy", "ctc_beam", "attention"):
+    for decoding in ("ctc_greedy", "ctc_beam", "attention", "joint"):
         together = model.recognize(batch, decoding)
         alone = [model.recognize(model.source.collate([f]), decoding)[0] for f in feats]
         assert together == alone, decoding
@@ -222,15 +277,16 @@ def test_lexicon_trie_allows_only_known_words() -> None:
         tiny(lexicon="words.txt")
 
 
-def test_lexicon_constrains_attention_beam_search(trained) -> None:
+@pytest.mark.parametrize("decoding", ["attention", "joint"])
+def test_lexicon_constrains_attention_beam_search(trained, decoding) -> None:
     model, _, train = trained
     paths = [u.audio[0] for u in train]
-    free = model.transcribe(paths, decoding="attention")
+    free = model.transcribe(paths, decoding=decoding)
     model.hparams.lexicon = ["zero", "one"]
     try:
-        forced = model.transcribe(paths, decoding="attention")
+        forced = model.transcribe(paths, decoding=decoding)
         model.hparams.lexicon = sorted({u.text for u in train})
-        known = model.transcribe(paths, decoding="attention")
+        known = model.transcribe(paths, decoding=decoding)
     finally:
         model.hparams.lexicon = None
     assert set(forced) <= {"zero", "one"} and set(forced) == {"zero", "one"}
