@@ -80,23 +80,28 @@ class CTCPrefixScorer:
     score can only fall as it grows, and a finished one carries its full CTC log-likelihood.
 
     Written here: torchaudio's CTC decoders are CTC-only searches and offer no prefix scorer to join to another model.
-    All rows grow together (one label per step), so the recursion skips the frames no prefix of that length can end
-    in. ``log_probs`` (rows, t, v) and ``lengths`` (rows,): each row's real frames; frames past a row's length are
-    treated as certain blanks, which leaves every probability unchanged.
+    The forward recursion over frames is linear in probability space, so each step solves it in closed form with
+    cumulative sums and ``logcumsumexp`` (float64, as the closed form subtracts large log-probabilities) instead of a
+    Python loop over frames: a few large operations per label, not three small ones per frame. ``log_probs``
+    (rows, t, v) and ``lengths`` (rows,): each row's real frames; frames past a row's length are treated as certain
+    blanks, which leaves every probability unchanged.
     """
+
+    FLOOR = -1e4  # log-probability standing for "impossible" inside the sums (exp underflows to exactly 0)
 
     def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int) -> None:
         rows, t, v = log_probs.shape
         pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
-        x = log_probs.float().masked_fill(pad[:, :, None], NEG_INF)
-        self.x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == blank), 0.0)
+        x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
+        x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == blank), 0.0)
+        self.x = x.clamp_min(self.FLOOR)
         self.blank, self.eos = blank, eos
         self.step = 0  # labels in every live hypothesis
         # Per row and frame: log P of the alignments of g up to that frame ending in a label (0) or a blank (1).
-        self.r = torch.stack([torch.full((rows, t), NEG_INF, device=x.device), self.x[:, :, blank].cumsum(dim=1)],
-                             dim=-1)
+        self.r = torch.stack([torch.full((rows, t), NEG_INF, dtype=x.dtype, device=x.device),
+                              self.x[:, :, blank].cumsum(dim=1)], dim=-1)
         self.last = torch.full((rows,), -1, dtype=torch.long, device=x.device)  # g's last label (-1: g is empty)
-        self.prefix = torch.zeros(rows, device=x.device)  # log P_ctc(g ...)
+        self.prefix = torch.zeros(rows, dtype=x.dtype, device=x.device)  # log P_ctc(g ...)
 
     def scores(self) -> tuple[Tensor, Tensor]:
         """-> (``psi`` (rows, v): log prefix probability of ``g + c`` for every ``c``, and of exactly ``g`` at
@@ -109,19 +114,23 @@ class CTCPrefixScorer:
         if has_last.any():
             idx = self.last.clamp_min(0)[:, None, None].expand(rows, t, 1)
             phi.scatter_(2, idx, torch.where(has_last[:, None, None], r_blank[:, :, None], phi.gather(2, idx)))
-        new_label = torch.full((rows, t, v), NEG_INF, device=x.device)
-        new_blank = torch.full((rows, t, v), NEG_INF, device=x.device)
-        start = max(self.step, 1)  # g + c has step + 1 labels: it cannot end before frame `step`
-        if self.step == 0:
-            new_label[:, 0] = x[:, 0]
-        psi = new_label[:, start - 1].clone()
-        for f in range(start, t):
-            new_label[:, f] = torch.logaddexp(new_label[:, f - 1], phi[:, f - 1]) + x[:, f]
-            new_blank[:, f] = torch.logaddexp(new_label[:, f - 1], new_blank[:, f - 1]) + x[:, f, self.blank, None]
-            psi = torch.logaddexp(psi, phi[:, f - 1] + x[:, f])
+        # g + c ending in c at frame 0: only when g is empty.
+        first = x[:, :1] if self.step == 0 else torch.full_like(x[:, :1], NEG_INF)
+        # Ending in c at frame f: label[f] = (label[f-1] (+) phi[f-1]) + x[f]. With L[f] = x[1] + ... + x[f],
+        # label[f] - L[f] = (label[f-1] - L[f-1]) (+) (phi[f-1] - L[f-1]): a running log-sum.
+        cum = x.cumsum(dim=1) - x[:, :1]
+        label = torch.logcumsumexp(torch.cat([first, (phi - cum)[:, :-1]], dim=1), dim=1) + cum
+        # Ending in blank: blank[f] = (label[f-1] (+) blank[f-1]) + x_blank[f], the same way.
+        xb = x[:, :, self.blank, None]
+        cum_b = xb.cumsum(dim=1) - xb[:, :1]
+        none = torch.full_like(first, NEG_INF)
+        blank = torch.logcumsumexp(torch.cat([none, (label - cum_b)[:, :-1]], dim=1), dim=1) + cum_b
+        # The prefix probability: g + c's first emission of c, at any frame.
+        psi = torch.logsumexp(torch.cat([first, phi[:, :-1] + x[:, 1:]], dim=1), dim=1)
         psi[:, self.eos] = torch.logaddexp(r_label[:, -1], r_blank[:, -1])
+        psi = psi.masked_fill(psi <= self.FLOOR / 2, NEG_INF)  # a path through an impossible frame is impossible
         psi[:, self.blank] = NEG_INF
-        return psi, torch.stack([new_label, new_blank], dim=2)
+        return psi, torch.stack([label, blank], dim=2)
 
     def advance(self, index: Tensor, labels: Tensor, psi: Tensor, state: Tensor) -> None:
         """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (from the last :meth:`scores`)."""

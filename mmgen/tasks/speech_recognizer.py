@@ -428,7 +428,8 @@ class SpeechRecognizer(L.LightningModule):
             step_scores = logits.log_softmax(dim=-1)
             if ctc is not None:
                 psi, ctc_state = ctc.scores()
-                gain = (psi - ctc.prefix[:, None]).nan_to_num(nan=-math.inf)  # a dead row (-inf - -inf) stays dead
+                live = ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
+                gain = torch.where(live, psi - ctc.prefix[:, None], -math.inf)
                 step_scores = (1 - lam) * step_scores + lam * gain
             step_scores[:, banned] = -math.inf
             if trie is not None:
