@@ -88,8 +88,14 @@ def every_decoding(ckpt: str, dm) -> dict:
             search, _, constraint = d.partition("_")
             if search == "ctc":
                 search = d
-            model.hparams.lexicon = {"lexicon": words, "free": None}.get(constraint, own_lexicon)
+            lexicon = {"lexicon": words, "free": None}.get(constraint, own_lexicon)
+            if constraint in ("lexicon", "free") and lexicon == own_lexicon:  # the same as the plain decoding
+                continue
+            model.hparams.lexicon = lexicon
             hyps[d] += model.recognize(batch["source"], search)
+    for d in decodings:
+        if not hyps[d]:
+            hyps[d] = hyps[d.partition("_")[0]]
     model.hparams.lexicon = own_lexicon
 
     def frequent(d: str) -> list[str]:

@@ -103,22 +103,27 @@ class CTCPrefixScorer:
         self.last = torch.full((rows,), -1, dtype=torch.long, device=x.device)  # g's last label (-1: g is empty)
         self.prefix = torch.zeros(rows, dtype=x.dtype, device=x.device)  # log P_ctc(g ...)
 
-    def scores(self) -> tuple[Tensor, Tensor]:
-        """-> (``psi`` (rows, v): log prefix probability of ``g + c`` for every ``c``, and of exactly ``g`` at
-        ``eos``; the recursion's new state (rows, t, 2, v), for :meth:`advance`)."""
+    def scores(self, candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (``psi`` (rows, v): log prefix probability of ``g + c`` for every candidate label ``c``, -inf for the
+        others, and of exactly ``g`` at ``eos``; the recursion's new state, for :meth:`advance`).
+
+        ``candidates`` (rows, n): the labels to score per row (a search's pre-beam, e.g. the attention decoder's
+        best few), every label by default. Scoring few labels is cheaper; the scores of those labels are the same.
+        """
         x, (rows, t, v) = self.x, self.x.shape
+        if candidates is None:
+            candidates = torch.arange(v, device=x.device).expand(rows, v)
+        n = candidates.shape[1]
+        xc = x.gather(2, candidates[:, None, :].expand(rows, t, n))  # shape: (rows, t, n)
         r_label, r_blank = self.r[..., 0], self.r[..., 1]
         # phi: alignments of g that may be followed by a new label c; a repeat of g's last label needs a blank first.
-        phi = torch.logaddexp(r_label, r_blank)[:, :, None].expand(rows, t, v).clone()
-        has_last = self.last >= 0
-        if has_last.any():
-            idx = self.last.clamp_min(0)[:, None, None].expand(rows, t, 1)
-            phi.scatter_(2, idx, torch.where(has_last[:, None, None], r_blank[:, :, None], phi.gather(2, idx)))
+        repeat = (candidates == self.last[:, None])[:, None, :]  # shape: (rows, 1, n)
+        phi = torch.where(repeat, r_blank[:, :, None], torch.logaddexp(r_label, r_blank)[:, :, None])
         # g + c ending in c at frame 0: only when g is empty.
-        first = x[:, :1] if self.step == 0 else torch.full_like(x[:, :1], NEG_INF)
+        first = xc[:, :1] if self.step == 0 else torch.full_like(xc[:, :1], NEG_INF)
         # Ending in c at frame f: label[f] = (label[f-1] (+) phi[f-1]) + x[f]. With L[f] = x[1] + ... + x[f],
         # label[f] - L[f] = (label[f-1] - L[f-1]) (+) (phi[f-1] - L[f-1]): a running log-sum.
-        cum = x.cumsum(dim=1) - x[:, :1]
+        cum = xc.cumsum(dim=1) - xc[:, :1]
         label = torch.logcumsumexp(torch.cat([first, (phi - cum)[:, :-1]], dim=1), dim=1) + cum
         # Ending in blank: blank[f] = (label[f-1] (+) blank[f-1]) + x_blank[f], the same way.
         xb = x[:, :, self.blank, None]
@@ -126,15 +131,19 @@ class CTCPrefixScorer:
         none = torch.full_like(first, NEG_INF)
         blank = torch.logcumsumexp(torch.cat([none, (label - cum_b)[:, :-1]], dim=1), dim=1) + cum_b
         # The prefix probability: g + c's first emission of c, at any frame.
-        psi = torch.logsumexp(torch.cat([first, phi[:, :-1] + x[:, 1:]], dim=1), dim=1)
+        psi_c = torch.logsumexp(torch.cat([first, phi[:, :-1] + xc[:, 1:]], dim=1), dim=1)
+        psi = torch.full((rows, v), NEG_INF, dtype=x.dtype, device=x.device).scatter_(1, candidates, psi_c)
         psi[:, self.eos] = torch.logaddexp(r_label[:, -1], r_blank[:, -1])
         psi = psi.masked_fill(psi <= self.FLOOR / 2, NEG_INF)  # a path through an impossible frame is impossible
         psi[:, self.blank] = NEG_INF
+        self._candidates = candidates
         return psi, torch.stack([label, blank], dim=2)
 
     def advance(self, index: Tensor, labels: Tensor, psi: Tensor, state: Tensor) -> None:
-        """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (from the last :meth:`scores`)."""
-        self.r = state[index, :, :, labels]  # shape: (rows, t, 2)
+        """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (a candidate of the last
+        :meth:`scores`)."""
+        column = (self._candidates.index_select(0, index) == labels[:, None]).int().argmax(dim=1)
+        self.r = state[index, :, :, column]  # shape: (rows, t, 2)
         self.prefix = psi[index, labels]
         self.last = labels
         self.x = self.x.index_select(0, index)

@@ -29,6 +29,7 @@ from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, 
 __all__ = ["ASRNet", "SpeechRecognizer"]
 
 Decoding = Literal["ctc_greedy", "ctc_beam", "attention", "joint"]
+PRE_BEAM_RATIO = 1.5  # joint decoding: CTC scores this many labels per beam slot, the attention's best (ESPnet's 1.5)
 
 
 class ASRNet(nn.Module):
@@ -115,7 +116,7 @@ class SpeechRecognizer(L.LightningModule):
                  dropout: float = 0.1, ctc_weight: float = 0.3, label_smoothing: float = 0.1,
                  learning_rate: float = 1e-3, min_learning_rate: float = 1e-5, warmup_steps: int = 300,
                  lr_decay_steps: int = 5000, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.98),
-                 decoding: Decoding = "attention", beam_size: int = 4, ctc_rescore_weight: float = 0.3,
+                 decoding: Decoding = "joint", beam_size: int = 4, ctc_rescore_weight: float = 0.3,
                  max_target_length: int = 300, log_transcripts: int = 6,
                  lexicon: Literal["train"] | list[str] | None = None, init_from: str | None = None) -> None:
         super().__init__()
@@ -426,14 +427,21 @@ class SpeechRecognizer(L.LightningModule):
         for step in range(max_len):
             logits = self.net.decode(pending, None, None, cache)[:, -1].float()
             step_scores = logits.log_softmax(dim=-1)
-            if ctc is not None:
-                psi, ctc_state = ctc.scores()
-                live = ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
-                gain = torch.where(live, psi - ctc.prefix[:, None], -math.inf)
-                step_scores = (1 - lam) * step_scores + lam * gain
             step_scores[:, banned] = -math.inf
             if trie is not None:
                 step_scores = step_scores.masked_fill(~trie[0][node], -math.inf)
+            if ctc is not None:
+                # CTC scores the attention's best PRE_BEAM_RATIO * k labels of each hypothesis (a pre-beam, as in
+                # ESPnet) and <eos>; with all weight on CTC, every label.
+                candidates = None
+                if lam < 1:
+                    candidates = step_scores.topk(min(v, max(k + 1, int(PRE_BEAM_RATIO * k))), dim=1).indices
+                psi, ctc_state = ctc.scores(candidates)
+                live = ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
+                gain = torch.where(live, psi - ctc.prefix[:, None], -math.inf)
+                allowed = step_scores > -math.inf  # the masks above hold whatever the weights (0 * -inf is nan)
+                step_scores = torch.where(allowed, (1 - lam) * step_scores.masked_fill(~allowed, 0.0) + lam * gain,
+                                          -math.inf)
             cand = (scores.view(rows, 1) + step_scores).view(b, k * v)
             top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
             beam, tok = top_idx // v, top_idx % v

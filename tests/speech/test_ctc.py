@@ -91,7 +91,14 @@ def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering(
     scorer = CTCPrefixScorer(log_probs.float(), lengths, blank, eos)
     owner, prefixes = [0, 1, 2], [(), (), ()]  # which utterance each row scores, and its hypothesis
     for index, labels in ([[0, 1, 2], [1, 2, 2]], [[1, 0, 2], [2, 2, 1]], [[2, 2, 0], [1, 1, 2]]):
+        # Scoring a few candidate labels per row gives those labels the same scores, the others none.
+        few = torch.tensor([[2], [1], [2]])
+        psi_few, _ = CTCPrefixScorer.scores(scorer, few)
         psi, state = scorer.scores()
+        for row in range(3):
+            c = int(few[row, 0])
+            assert math.isclose(float(psi_few[row, c]), float(psi[row, c]), rel_tol=1e-9, abs_tol=1e-9)
+            assert float(psi_few[row, 3 - c]) == -math.inf and float(psi_few[row, eos]) == float(psi[row, eos])
         for row in range(3):
             for c in (1, 2, eos):
                 want = exact[owner[row]].get(prefixes[row], 0.0) if c == eos else prefix_prob(owner[row],
