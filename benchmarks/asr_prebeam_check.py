@@ -3,12 +3,14 @@ on the test suite's tiny model (trained here on 80 recordings of two speakers), 
 
     MMGEN_DATA_DIR=... PYTHONPATH=. python benchmarks/asr_prebeam_check.py
 """
-import glob, torch, random
-import mmgen.tasks.speech_recognizer as sr
-from tests.speech.conftest import fit_asr, manifest, pick
-from mmgen.data.speech import fsdd_utterances
+import os
+import tempfile
 from pathlib import Path
-import tempfile, os
+
+import mmgen.tasks.speech_recognizer as sr
+from mmgen.data.speech import fsdd_utterances
+from tests.speech.conftest import fit_asr, manifest, pick
+
 items = fsdd_utterances(Path(os.environ["MMGEN_DATA_DIR"]) / "fsdd/recordings")
 root = Path(tempfile.mkdtemp())
 train = pick(items, ("jackson", "theo"), range(10, 14))
