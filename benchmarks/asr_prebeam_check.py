@@ -18,10 +18,10 @@ val = pick(items, ("jackson",), range(5, 6))
 _, model = fit_asr(root, manifest(root / "train.jsonl", train), manifest(root / "val.jsonl", val), 300,
                    audio_args={"spec_augment": False}, learning_rate=3e-3, warmup_steps=20, lr_decay_steps=300)
 model.eval()
-test = [u.audio[0] for u in pick(items, ("george", "lucas", "nicolas", "jackson"), range(0, 5))]
+unseen = pick(items, ("george", "lucas", "nicolas", "jackson"), range(0, 5))
+test, refs = [u.audio[0] for u in unseen], [u.text for u in unseen]
 a = model.transcribe(test, decoding="joint")
 sr.PRE_BEAM_RATIO = 1e9
 b = model.transcribe(test, decoding="joint")
 print(len(test), "files; same transcript:", sum(x == y for x, y in zip(a, b)))
-refs = [u.text for u in pick(items, ("george", "lucas", "nicolas", "jackson"), range(0, 5))]
 print("errors pre-beam", sum(x != r for x, r in zip(a, refs)), "full", sum(y != r for y, r in zip(b, refs)))

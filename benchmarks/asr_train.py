@@ -76,27 +76,26 @@ def every_decoding(ckpt: str, dm) -> dict:
     import mmgen
 
     model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    decodings = ("ctc_greedy", "ctc_beam", "attention", "joint", "attention_lexicon", "joint_lexicon",
-                 "attention_free", "joint_free")
-    hyps: dict[str, list[str]] = {d: [] for d in decodings}
-    refs: list[str] = []
     own_lexicon = model.hparams.lexicon
     words = dm.training_words()
+    # name -> (search, lexicon); names whose setting equals another's share its transcripts (decoded once).
+    settings = {d: (d, own_lexicon) for d in ("ctc_greedy", "ctc_beam", "attention", "joint")}
+    for search in ("attention", "joint"):
+        settings[f"{search}_lexicon"], settings[f"{search}_free"] = (search, words), (search, None)
+    def key(search: str, lexicon: list[str] | None) -> tuple:
+        return search, tuple(lexicon) if lexicon else None
+
+    unique = {key(*setting): setting for setting in settings.values()}
+    found: dict[tuple, list[str]] = {key: [] for key in unique}
+    refs: list[str] = []
     for batch in dm.test_dataloader():
         refs += batch["text"]
-        for d in decodings:
-            search, _, constraint = d.partition("_")
-            if search == "ctc":
-                search = d
-            lexicon = {"lexicon": words, "free": None}.get(constraint, own_lexicon)
-            if constraint in ("lexicon", "free") and lexicon == own_lexicon:  # the same as the plain decoding
-                continue
+        for k, (search, lexicon) in unique.items():
             model.hparams.lexicon = lexicon
-            hyps[d] += model.recognize(batch["source"], search)
-    for d in decodings:
-        if not hyps[d]:
-            hyps[d] = hyps[d.partition("_")[0]]
+            found[k] += model.recognize(batch["source"], search)
     model.hparams.lexicon = own_lexicon
+    decodings = tuple(settings)
+    hyps = {d: found[key(*setting)] for d, setting in settings.items()}
 
     def frequent(d: str) -> list[str]:
         errors = Counter((r, h) for r, h in zip(refs, hyps[d]) if r != h)

@@ -439,9 +439,8 @@ class SpeechRecognizer(L.LightningModule):
                 psi, ctc_state = ctc.scores(candidates)
                 live = ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
                 gain = torch.where(live, psi - ctc.prefix[:, None], -math.inf)
-                allowed = step_scores > -math.inf  # the masks above hold whatever the weights (0 * -inf is nan)
-                step_scores = torch.where(allowed, (1 - lam) * step_scores.masked_fill(~allowed, 0.0) + lam * gain,
-                                          -math.inf)
+                # The masks above hold whatever the weights (where λ = 1, 0 * -inf would be nan).
+                step_scores = torch.where(step_scores > -math.inf, (1 - lam) * step_scores + lam * gain, -math.inf)
             cand = (scores.view(rows, 1) + step_scores).view(b, k * v)
             top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
             beam, tok = top_idx // v, top_idx % v
