@@ -80,71 +80,98 @@ class CTCPrefixScorer:
     score can only fall as it grows, and a finished one carries its full CTC log-likelihood.
 
     Written here: torchaudio's CTC decoders are CTC-only searches and offer no prefix scorer to join to another model.
-    The forward recursion over frames is linear in probability space, so each step solves it in closed form with
-    cumulative sums and ``logcumsumexp`` (float64, as the closed form subtracts large log-probabilities) instead of a
-    Python loop over frames: a few large operations per label, not three small ones per frame. ``log_probs``
-    (rows, t, v) and ``lengths`` (rows,): each row's real frames; frames past a row's length are treated as certain
-    blanks, which leaves every probability unchanged.
+    The forward recursion over frames is linear in probability space, so it is solved in closed form with cumulative
+    sums and ``logcumsumexp`` (float64, as the closed form subtracts large log-probabilities) instead of a Python loop
+    over frames. Scoring a candidate needs only a log-sum over frames; the recursion itself runs in :meth:`advance`,
+    for the extensions the search keeps (one per row), not for every candidate.
+
+    Every operation has a fixed shape and none reads a value back to the host, so a step can be captured in a CUDA
+    graph; :meth:`advance` updates the state in place.
+
+    Args:
+        log_probs: (rows, t, v) CTC log-probabilities.
+        lengths: (rows,) real frames per row; frames past a row's length are treated as certain blanks, which leaves
+            every probability unchanged.
+        blank: the blank id.
+        eos: the id scored as "the hypothesis ends here".
+        group: rows come in groups of ``group`` consecutive rows that score the same utterance (the beams of a beam
+            search), and :meth:`advance` moves rows only within their group, so the inputs are not reordered.
     """
 
     FLOOR = -1e4  # log-probability standing for "impossible" inside the sums (exp underflows to exactly 0)
 
-    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int) -> None:
+    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int, group: int = 1) -> None:
         rows, t, v = log_probs.shape
         pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
         x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
         x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == blank), 0.0)
-        self.x = x.clamp_min(self.FLOOR)
-        self.blank, self.eos = blank, eos
-        self.step = 0  # labels in every live hypothesis
-        # Per row and frame: log P of the alignments of g up to that frame ending in a label (0) or a blank (1).
-        self.r = torch.stack([torch.full((rows, t), NEG_INF, dtype=x.dtype, device=x.device),
-                              self.x[:, :, blank].cumsum(dim=1)], dim=-1)
-        self.last = torch.full((rows,), -1, dtype=torch.long, device=x.device)  # g's last label (-1: g is empty)
-        self.prefix = torch.zeros(rows, dtype=x.dtype, device=x.device)  # log P_ctc(g ...)
+        # Label-major (rows, v, t): the sums over frames run along contiguous memory.
+        self.x = x.clamp_min(self.FLOOR).transpose(1, 2).contiguous()
+        self.blank, self.eos, self.group = blank, eos, group
+        dev, dt = x.device, x.dtype
+        # Per row and frame f, log P of the alignments of g over frames 0..f ending in a label, in a blank, either.
+        self.r_label = torch.full((rows, t), NEG_INF, dtype=dt, device=dev)
+        self.r_blank = self.x[:, blank].cumsum(dim=1)
+        self.r_any = self.r_blank.clone()
+        # Before frame 0 only the empty prefix has been emitted: log 1 while g is empty, log 0 after.
+        self.start = torch.zeros(rows, dtype=dt, device=dev)
+        self.last = torch.full((rows,), -1, dtype=torch.long, device=dev)  # g's last label (-1: g is empty)
+        self.prefix = torch.zeros(rows, dtype=dt, device=dev)  # log P_ctc(g ...)
+        self._candidates: Tensor | None = None
 
-    def scores(self, candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """-> (``psi`` (rows, v): log prefix probability of ``g + c`` for every candidate label ``c``, -inf for the
-        others, and of exactly ``g`` at ``eos``; the recursion's new state, for :meth:`advance`).
+    def _shift(self, r: Tensor) -> Tensor:
+        """r (rows, t) one frame later, with the start state before frame 0: the alignments a new label may follow."""
+        return torch.cat([self.start[:, None], r[:, :-1]], dim=1)
+
+    def scores(self, candidates: Tensor | None = None) -> Tensor:
+        """``psi`` (rows, v): the log prefix probability of ``g + c`` for every candidate label ``c`` (-inf for the
+        others), and of exactly ``g`` at ``eos``.
 
         ``candidates`` (rows, n): the labels to score per row (a search's pre-beam, e.g. the attention decoder's
         best few), every label by default. Scoring few labels is cheaper; the scores of those labels are the same.
         """
-        x, (rows, t, v) = self.x, self.x.shape
+        x, (rows, v, t) = self.x, self.x.shape
         if candidates is None:
             candidates = torch.arange(v, device=x.device).expand(rows, v)
         n = candidates.shape[1]
-        xc = x.gather(2, candidates[:, None, :].expand(rows, t, n))  # shape: (rows, t, n)
-        r_label, r_blank = self.r[..., 0], self.r[..., 1]
-        # phi: alignments of g that may be followed by a new label c; a repeat of g's last label needs a blank first.
-        repeat = (candidates == self.last[:, None])[:, None, :]  # shape: (rows, 1, n)
-        phi = torch.where(repeat, r_blank[:, :, None], torch.logaddexp(r_label, r_blank)[:, :, None])
-        # g + c ending in c at frame 0: only when g is empty.
-        first = xc[:, :1] if self.step == 0 else torch.full_like(xc[:, :1], NEG_INF)
-        # Ending in c at frame f: label[f] = (label[f-1] (+) phi[f-1]) + x[f]. With L[f] = x[1] + ... + x[f],
-        # label[f] - L[f] = (label[f-1] - L[f-1]) (+) (phi[f-1] - L[f-1]): a running log-sum.
-        cum = xc.cumsum(dim=1) - xc[:, :1]
-        label = torch.logcumsumexp(torch.cat([first, (phi - cum)[:, :-1]], dim=1), dim=1) + cum
-        # Ending in blank: blank[f] = (label[f-1] (+) blank[f-1]) + x_blank[f], the same way.
-        xb = x[:, :, self.blank, None]
-        cum_b = xb.cumsum(dim=1) - xb[:, :1]
-        none = torch.full_like(first, NEG_INF)
-        blank = torch.logcumsumexp(torch.cat([none, (label - cum_b)[:, :-1]], dim=1), dim=1) + cum_b
-        # The prefix probability: g + c's first emission of c, at any frame.
-        psi_c = torch.logsumexp(torch.cat([first, phi[:, :-1] + xc[:, 1:]], dim=1), dim=1)
+        xc = x.gather(1, candidates[:, :, None].expand(rows, n, t))  # shape: (rows, n, t)
+        # c's first emission at frame f follows an alignment of g over frames < f; a repeat of g's last label must
+        # follow one that ends in a blank.
+        repeat = (candidates == self.last[:, None])[:, :, None]  # shape: (rows, n, 1)
+        phi = torch.where(repeat, self._shift(self.r_blank)[:, None, :], self._shift(self.r_any)[:, None, :])
+        psi_c = torch.logsumexp(phi + xc, dim=2)  # shape: (rows, n)
         psi = torch.full((rows, v), NEG_INF, dtype=x.dtype, device=x.device).scatter_(1, candidates, psi_c)
-        psi[:, self.eos] = torch.logaddexp(r_label[:, -1], r_blank[:, -1])
+        psi[:, self.eos] = self.r_any[:, -1]
         psi = psi.masked_fill(psi <= self.FLOOR / 2, NEG_INF)  # a path through an impossible frame is impossible
         psi[:, self.blank] = NEG_INF
         self._candidates = candidates
-        return psi, torch.stack([label, blank], dim=2)
+        return psi
 
-    def advance(self, index: Tensor, labels: Tensor, psi: Tensor, state: Tensor) -> None:
+    def advance(self, index: Tensor, labels: Tensor, psi: Tensor) -> None:
         """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (a candidate of the last
-        :meth:`scores`)."""
-        column = (self._candidates.index_select(0, index) == labels[:, None]).int().argmax(dim=1)
-        self.r = state[index, :, :, column]  # shape: (rows, t, 2)
-        self.prefix = psi[index, labels]
-        self.last = labels
-        self.x = self.x.index_select(0, index)
-        self.step += 1
+        :meth:`scores`, whose ``psi`` is passed back)."""
+        x = self.x if self.group > 1 else self.x.index_select(0, index)
+        xl = x.gather(1, labels[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # shape: (rows, t)
+        repeat = (labels == self.last.index_select(0, index))[:, None]
+        phi = torch.where(repeat, self._shift(self.r_blank).index_select(0, index),
+                          self._shift(self.r_any).index_select(0, index))
+        # Ending in c at frame f: label[f] = (label[f-1] (+) phi[f]) + x[f], label[-1] = log 0. With L[f] =
+        # x[0] + ... + x[f], label[f] - L[f] = (label[f-1] - L[f-1]) (+) (phi[f] - L[f-1]): a running log-sum.
+        cum = xl.cumsum(dim=1)
+        label = torch.logcumsumexp(phi - (cum - xl), dim=1) + cum
+        # Ending in blank at frame f: blank[f] = (label[f-1] (+) blank[f-1]) + x_blank[f], blank[-1] = log 0.
+        xb = x[:, self.blank]
+        cum_b = xb.cumsum(dim=1)
+        blank = torch.logcumsumexp(self._none_then(label) - (cum_b - xb), dim=1) + cum_b
+        self.r_label.copy_(label)
+        self.r_blank.copy_(blank)
+        self.r_any.copy_(torch.logaddexp(label, blank))
+        self.start.fill_(NEG_INF)
+        self.prefix.copy_(psi[index, labels])
+        self.last.copy_(labels)
+        if self.group == 1:
+            self.x.copy_(x)
+
+    @staticmethod
+    def _none_then(r: Tensor) -> Tensor:
+        return torch.cat([torch.full_like(r[:, :1], NEG_INF), r[:, :-1]], dim=1)

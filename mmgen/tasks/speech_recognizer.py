@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from mmgen import checkpoint as ckpt_io
-from mmgen.blocks import ConformerStack, DecoderCache, TransformerStack, sinusoidal_positions
+from mmgen.beam_search import BeamSearch
+from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
@@ -71,6 +72,19 @@ class ASRNet(nn.Module):
         x = self.embed(ids) * math.sqrt(self.d_model)
         x = x + sinusoidal_positions(ids.shape[1], self.d_model, offset, device=ids.device).to(x.dtype)
         return self.head(self.decoder(self.drop(x), memory=memory, memory_mask=memory_mask, cache=cache))
+
+    def step_cache(self, rows: int, max_len: int, memory: Tensor, memory_mask: Tensor) -> StepCache:
+        """Fixed-shape decoding state for :meth:`decode_step`: ``rows`` hypotheses (a multiple of the memory's
+        batch, each utterance's consecutive), ``max_len`` positions."""
+        cache = self.decoder.step_cache(rows, max_len, memory=memory, memory_mask=memory_mask)
+        cache.positions = sinusoidal_positions(max_len, self.d_model, device=memory.device).to(memory.dtype)
+        return cache
+
+    def decode_step(self, ids: Tensor, position: Tensor, cache: StepCache, length: int | None = None) -> Tensor:
+        """One token per row, inference only: ids (rows,) at ``position`` (1-element long tensor) -> logits
+        (rows, v); :meth:`decode` with a cache, in fixed shapes (see :meth:`TransformerStack.step`)."""
+        x = self.embed(ids[:, None])[:, 0] * math.sqrt(self.d_model) + cache.positions.index_select(0, position)
+        return self.head(self.decoder.step(x, position, cache, length))
 
 
 class SpeechRecognizer(L.LightningModule):
@@ -127,6 +141,7 @@ class SpeechRecognizer(L.LightningModule):
         self.save_hyperparameters(ignore=["modalities", "init_from"])
         self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
         self._decoders: dict[tuple, object] = {}  # built on first use
+        self.graph_decoding = True  # attention searches on a GPU replay each step as a CUDA graph
         self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
         self.target: TextModality = require_role(self, modalities, "target", TextModality)
         init = None
@@ -398,89 +413,28 @@ class SpeechRecognizer(L.LightningModule):
 
     def _nbest(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor, k: int,
                joint: bool) -> list[list[tuple[list[int], float]]]:
-        """Up to ``k`` finished hypotheses per utterance with their search scores (the KV cache reordered as beams
-        move; see :meth:`_attention_beam_search`)."""
+        """Up to ``k`` finished hypotheses per utterance with their search scores (see
+        :meth:`_attention_beam_search` and :class:`~mmgen.beam_search.BeamSearch`)."""
+        return self._beam_search(memory, mask, ctc_log_probs, k, joint).run(
+            graph=self.graph_decoding and memory.is_cuda)
+
+    def _beam_search(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor, k: int, joint: bool) -> BeamSearch:
         spec = self.target.spec
-        b, t, _ = memory.shape
-        v = spec.vocab_size
-        device = memory.device
+        b = memory.shape[0]
         lengths = mask.sum(dim=1)
         max_len = min(self.hparams.max_target_length, int(lengths.max()) + 1)
-        rows = b * k
-        mem = memory.repeat_interleave(k, dim=0)
-        mem_mask = mask.repeat_interleave(k, dim=0)
-        cache = self.net.decoder.make_cache(rows, max_len + 1, memory=mem, memory_mask=mem_mask)
+        cache = self.net.step_cache(b * k, max_len, memory, mask)
         lam = self.hparams.ctc_rescore_weight
         ctc = None
         if joint and lam > 0:
             ctc = CTCPrefixScorer(ctc_log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k),
-                                  self.blank_id, spec.eos_id)
-        tokens = torch.full((rows, 1), spec.bos_id, dtype=torch.long, device=device)
-        scores = torch.full((b, k), -math.inf, device=device)
-        scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
-        finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
-        settled = [False] * b
-        banned = [i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None]
-        trie = self._lexicon_trie(device)
-        node = torch.zeros(rows, dtype=torch.long, device=device)  # each hypothesis's place in the lexicon trie
-        pending = tokens
-        for step in range(max_len):
-            logits = self.net.decode(pending, None, None, cache)[:, -1].float()
-            step_scores = logits.log_softmax(dim=-1)
-            step_scores[:, banned] = -math.inf
-            if trie is not None:
-                step_scores = step_scores.masked_fill(~trie[0][node], -math.inf)
-            if ctc is not None:
-                # CTC scores the attention's best PRE_BEAM_RATIO * k labels of each hypothesis (a pre-beam, as in
-                # ESPnet) and <eos>; with all weight on CTC, every label.
-                candidates = None
-                if lam < 1:
-                    candidates = step_scores.topk(min(v, max(k + 1, int(PRE_BEAM_RATIO * k))), dim=1).indices
-                psi, ctc_state = ctc.scores(candidates)
-                live = ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
-                gain = torch.where(live, psi - ctc.prefix[:, None], -math.inf)
-                # The masks above hold whatever the weights (where λ = 1, 0 * -inf would be nan).
-                step_scores = torch.where(step_scores > -math.inf, (1 - lam) * step_scores + lam * gain, -math.inf)
-            cand = (scores.view(rows, 1) + step_scores).view(b, k * v)
-            top_scores, top_idx = cand.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in <eos>
-            beam, tok = top_idx // v, top_idx % v
-            is_eos = tok == spec.eos_id
-            # Finished: <eos> among the best k candidates.
-            rank = torch.arange(2 * k, device=device)[None, :].expand(b, -1)
-            done = (is_eos & (rank < k) & top_scores.isfinite()).nonzero().tolist()
-            for i, j in done:
-                if not settled[i] and len(finished[i]) < k:
-                    hyp = tokens[i * k + beam[i, j], 1:].tolist()
-                    finished[i].append((hyp, float(top_scores[i, j])))
-            # Live: the best k candidates that do not end.
-            order = (is_eos.float() * 4 * k + rank).argsort(dim=1)[:, :k]
-            keep_beam, keep_tok = beam.gather(1, order), tok.gather(1, order)
-            scores = top_scores.gather(1, order).masked_fill(is_eos.gather(1, order), -math.inf)
-            index = (torch.arange(b, device=device)[:, None] * k + keep_beam).view(-1)
-            cache.reorder(index, memory=False)  # beams move within their utterance, whose memory they share
-            if ctc is not None:
-                ctc.advance(index, keep_tok.view(-1), psi, ctc_state)
-            if trie is not None:
-                node = trie[1][node.index_select(0, index), keep_tok.view(-1)]
-            tokens = torch.cat([tokens.index_select(0, index), keep_tok.view(-1, 1)], dim=1)
-            pending = keep_tok.view(-1, 1)
-            # An utterance is settled once a finished hypothesis scores at least its best live one: scores only fall
-            # as hypotheses grow (log-probabilities of the attention, and CTC prefix probabilities), so no live one
-            # can overtake it.
-            best_live = scores.max(dim=1).values.tolist()
-            for i in range(b):
-                if finished[i] and max(sc for _, sc in finished[i]) >= best_live[i]:
-                    settled[i] = True
-            if all(settled) or all(len(f) >= k for f in finished):
-                break
-        for i in range(b):  # hypotheses that never ended compete as they stand
-            if not settled[i] and len(finished[i]) < k:
-                for j in range(k):
-                    if scores[i, j].isfinite():
-                        finished[i].append((tokens[i * k + j, 1:].tolist(), float(scores[i, j])))
-            if not finished[i]:  # no finite score at all (a diverged model): an empty transcript
-                finished[i].append(([], -math.inf))
-        return finished
+                                  self.blank_id, spec.eos_id, group=k)
+        return BeamSearch(
+            lambda ids, position, length: self.net.decode_step(ids, position, cache, length), cache.reorder,
+            batch=b, beam=k, vocab=spec.vocab_size, bos=spec.bos_id, eos=spec.eos_id,
+            banned=[i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None], max_len=max_len,
+            device=memory.device, ctc=ctc, ctc_weight=lam, pre_beam=int(PRE_BEAM_RATIO * k),
+            trie=self._lexicon_trie(memory.device))
 
     def _ctc_rescore(self, nbest: list[list[tuple[list[int], float]]], log_probs: Tensor,
                      lengths: Tensor) -> list[list[int]]:

@@ -172,6 +172,49 @@ def test_cache_reorder_matches_reordered_prefixes(cross):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 8b. Fixed-shape steps (StepCache): the full pass, one position at a time, beams sharing their utterance's memory.
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["filled-positions", "fixed-shapes"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias):
+    """Two beams per utterance (rows 2i, 2i+1 share memory i; utterance 1's memory is padded, utterance 2's has no
+    real frame at all): every step equals the full pass, before and after a reorder within each utterance."""
+    stack = TransformerStack(LAYERS, D, H, causal=True, cross_attention=True, d_memory=D_MEM, bias=bias).eval()
+    with torch.no_grad():
+        for p in stack.parameters():  # biases and norms away from their initial 0 and 1
+            p.add_(torch.randn_like(p) * 0.1)
+    memory, memory_mask = _memory()
+    memory_mask[2] = False
+    k, rows = 2, 2 * B
+    x = torch.randn(rows, L, D)
+    full_memory, full_mask = memory.repeat_interleave(k, dim=0), memory_mask.repeat_interleave(k, dim=0)
+    index = torch.tensor([1, 1, 2, 3, 5, 4])  # beams move within their utterance
+    split = 5
+    with torch.no_grad():
+        full = stack(x, memory=full_memory, memory_mask=full_mask)
+        cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask)
+        outs = []
+        for i in range(split):
+            position = torch.tensor([i])
+            outs.append(stack.step(x[:, i], position, cache, None if fixed else i + 1))
+        cache.reorder(index, None if fixed else split)
+        moved = x[index]
+        after = [stack.step(moved[:, i], torch.tensor([i]), cache, None if fixed else i + 1) for i in range(split, L)]
+        expected_after = stack(torch.cat([x[index, :split], moved[:, split:]], dim=1), memory=full_memory,
+                               memory_mask=full_mask)[:, split:]
+    torch.testing.assert_close(torch.stack(outs, dim=1), full[:, :split], rtol=0, atol=ATOL)
+    torch.testing.assert_close(torch.stack(after, dim=1), expected_after, rtol=0, atol=ATOL)
+
+
+def test_step_cache_checks_rows_against_the_memory():
+    stack = _decoder(cross=True)
+    memory, memory_mask = _memory()
+    with pytest.raises(ValueError, match="multiple of the memory's batch"):
+        stack.step_cache(4, L, memory=memory, memory_mask=memory_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 9. Gradients; 10. overflow through the stack.
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -93,8 +93,8 @@ def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering(
     for index, labels in ([[0, 1, 2], [1, 2, 2]], [[1, 0, 2], [2, 2, 1]], [[2, 2, 0], [1, 1, 2]]):
         # Scoring a few candidate labels per row gives those labels the same scores, the others none.
         few = torch.tensor([[2], [1], [2]])
-        psi_few, _ = CTCPrefixScorer.scores(scorer, few)
-        psi, state = scorer.scores()
+        psi_few = scorer.scores(few)
+        psi = scorer.scores()
         for row in range(3):
             c = int(few[row, 0])
             assert math.isclose(float(psi_few[row, c]), float(psi[row, c]), rel_tol=1e-9, abs_tol=1e-9)
@@ -106,7 +106,7 @@ def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering(
                 got = math.exp(float(psi[row, c]))
                 assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7), (row, prefixes[row], c, got, want)
             assert psi[row, blank] == -math.inf
-        scorer.advance(torch.tensor(index), torch.tensor(labels), psi, state)
+        scorer.advance(torch.tensor(index), torch.tensor(labels), psi)
         owner = [owner[i] for i in index]
         prefixes = [prefixes[i] + (c,) for i, c in zip(index, labels)]
         for row in range(3):  # the state's own prefix score is the chosen candidate's

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mmgen
+from mmgen.beam_search import BeamSearch
 from mmgen.checkpoint import CheckpointError
 from mmgen.data.speech import connected_digits
 from mmgen.tasks import SpeechRecognizer
@@ -166,6 +167,67 @@ def test_cuda_ctc_beam_search_matches_the_cpu_search(trained) -> None:
     finally:
         model.cpu()
     assert gpu == cpu
+
+
+def every_nbest(model: SpeechRecognizer, feats, **run) -> list:
+    """The n-best lists of every attention search (attention, joint; free spelling and a lexicon), with ``run``
+    passed to :meth:`BeamSearch.run`."""
+    out = []
+    memory, mask = model.net.encode(feats.values.to(model.device), feats.mask.to(model.device))
+    lp = model.net.ctc_head(memory).float().log_softmax(-1)
+    original = BeamSearch.run
+    try:
+        BeamSearch.run = lambda self, graph=None, **kw: original(self, **{"graph": graph, **kw, **run})
+        for lexicon in (None, ["zero", "one", "two", "three", "four"]):
+            model.hparams.lexicon = lexicon
+            for joint in (False, True):
+                out.append(model._nbest(memory, mask, lp, 3, joint))
+    finally:
+        BeamSearch.run = original
+        model.hparams.lexicon = None
+    return out
+
+
+def assert_same_nbest(got: list, want: list) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert [[h for h, _ in u] for u in g] == [[h for h, _ in u] for u in w]
+        torch.testing.assert_close(torch.tensor([s for u in g for _, s in u], dtype=torch.float64),
+                                   torch.tensor([s for u in w for _, s in u], dtype=torch.float64), atol=1e-4,
+                                   rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_fixed_shape_search_steps_equal_eager_steps(trained, fsdd_items) -> None:
+    """The search's fixed-shape step (attention over the whole cache under a mask, whole-buffer reorders: what a CUDA
+    graph replays) gives the eager step's n-best and scores, for a trained model whose hypotheses end and for an
+    untrained one whose never do (they run to the length limit and compete as they stand)."""
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
+    feats = model.source.collate([model.source.encode(f) for f in files])
+    assert_same_nbest(every_nbest(model, feats, fixed_shapes=True), every_nbest(model, feats))
+    untrained = tiny(max_target_length=12).eval()
+    nbest = every_nbest(untrained, feats, fixed_shapes=True)
+    assert any(len(h) == 12 for lists in nbest for utterance in lists for h, _ in utterance)
+    assert_same_nbest(nbest, every_nbest(untrained, feats))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+@torch.inference_mode()
+def test_cuda_graph_search_equals_eager_search_and_the_cpu(trained, fsdd_items) -> None:
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
+    feats = model.source.collate([model.source.encode(f) for f in files])
+    cpu = every_nbest(model, feats)
+    cpu_text = {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")}
+    model.cuda()
+    try:
+        graphed = every_nbest(model, feats, graph=True)
+        assert_same_nbest(graphed, every_nbest(model, feats, graph=False))
+        assert_same_nbest(graphed, cpu)
+        assert {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")} == cpu_text
+    finally:
+        model.cpu()
 
 
 def test_same_transcript_alone_and_in_a_padded_batch(trained, fsdd_items) -> None:

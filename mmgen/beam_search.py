@@ -1,0 +1,196 @@
+"""Label-synchronous beam search over an incremental decoder, kept on the device.
+
+Every step has fixed shapes and reads nothing back to the host: the decoder step, optional CTC prefix scores (joint
+CTC/attention decoding) and lexicon constraints, the choice of the best continuations, the book of finished
+hypotheses and the reorder of the decoder's state. On a GPU one step is captured once as a CUDA graph and replayed,
+so a step costs one graph launch instead of a few hundred kernel launches from Python; on the CPU the same step runs
+eagerly. Written here: the beam searches of torchaudio are CTC-only, and the generic ones (ESPnet, fairseq) keep
+their bookkeeping in Python, one host round trip per step.
+
+Notation: ``b`` utterances, ``k`` beam, ``rows = b * k`` hypotheses, ``v`` vocabulary, ``L`` positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mmgen.ctc import CTCPrefixScorer
+
+__all__ = ["BeamSearch"]
+
+NEG_INF = -math.inf
+
+# decoder(tokens (rows,), position (1,) long tensor, length) -> logits (rows, v); ``length`` is the number of filled
+# positions after this step (a host integer) in eager steps and None in fixed-shape (captured) steps.
+StepFn = Callable[[Tensor, Tensor, "int | None"], Tensor]
+# reorder(index (rows,), length): row i of the decoder's state becomes old row index[i].
+ReorderFn = Callable[[Tensor, "int | None"], None]
+
+
+class BeamSearch:
+    """Beam search with ``k`` beams per utterance over ``decoder``, every hypothesis starting with ``bos``.
+
+    A step scores each live hypothesis's continuations ``log p(c | g)``; with a CTC scorer, ``(1 - λ) log p(c | g) +
+    λ (log p_ctc(g + c ...) - log p_ctc(g ...))``, for the ``pre_beam`` best labels of the decoder (all when λ = 1),
+    so a finished hypothesis scores ``(1 - λ) log p_att + λ log p_ctc``. The ``k`` best continuations of each
+    utterance that end in ``eos`` are finished (up to ``k`` per utterance); the ``k`` best others live on. An
+    utterance is settled once a finished hypothesis scores at least its best live one: scores only fall as
+    hypotheses grow, so none can overtake it.
+
+    Args:
+        decoder: the step function (see ``StepFn``); it owns its state (a KV cache).
+        reorder: reorders that state as beams move (see ``ReorderFn``).
+        batch: utterances ``b``; rows ``i * k ... i * k + k - 1`` are utterance ``i``'s beams.
+        beam: ``k``.
+        vocab: ``v``.
+        bos, eos: the start and end ids.
+        banned: ids never produced.
+        max_len: most steps (labels, ``eos`` included); the decoder holds ``max_len`` positions.
+        device: where the search runs.
+        ctc: prefix scorer over the same rows (built with ``group=beam``), or None.
+        ctc_weight: λ.
+        pre_beam: labels per hypothesis scored by CTC (the decoder's best), when λ < 1.
+        trie: the lexicon as ``(allowed (nodes, v), step (nodes, v))``: which ids may follow each trie node and the
+            node they lead to; node 0 starts a word.
+    """
+
+    def __init__(self, decoder: StepFn, reorder: ReorderFn, *, batch: int, beam: int, vocab: int, bos: int,
+                 eos: int, banned: Sequence[int], max_len: int, device: torch.device,
+                 ctc: CTCPrefixScorer | None = None, ctc_weight: float = 0.0, pre_beam: int | None = None,
+                 trie: tuple[Tensor, Tensor] | None = None) -> None:
+        self.decoder, self.reorder = decoder, reorder
+        self.b, self.k, self.v, self.eos, self.max_len = batch, beam, vocab, eos, max_len
+        self.ctc, self.lam, self.trie = ctc, ctc_weight, trie
+        self.pre_beam = min(vocab, max(beam + 1, pre_beam or beam))
+        b, k, rows = batch, beam, batch * beam
+        long = dict(dtype=torch.long, device=device)
+        self.banned = torch.tensor(sorted(set(banned)), **long)
+        self.base = torch.arange(b, **long)[:, None] * k  # shape: (b, 1); each utterance's first row
+        self.first_k = torch.arange(2 * k, **long)[None, :] < k  # the best k of 2k candidates
+        self.rank = torch.arange(2 * k, **long)[None, :].expand(b, -1)
+        # State, all updated in place.
+        self.position = torch.zeros(1, **long)  # the position of the tokens being fed (= steps taken)
+        self.tokens = torch.full((rows, max_len + 1), bos, **long)  # each hypothesis, after <bos>
+        # Scores in float64: they are sums over many steps, and the CTC prefix scores are float64.
+        self.scores = torch.full((b, k), NEG_INF, dtype=torch.float64, device=device)
+        self.scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
+        self.node = torch.zeros(rows, **long)  # each hypothesis's place in the lexicon trie
+        # Finished hypotheses: k slots per utterance and a spare one that takes the writes that are not kept.
+        self.count = torch.zeros(b, **long)
+        self.fin_scores = torch.full((b, k + 1), NEG_INF, dtype=torch.float64, device=device)
+        self.fin_tokens = torch.zeros(b, k + 1, max_len + 1, **long)
+        self.fin_length = torch.zeros(b, k + 1, **long)
+        self.settled = torch.zeros(b, dtype=torch.bool, device=device)
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+
+    def step(self, length: int | None) -> None:
+        """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
+        b, k, v = self.b, self.k, self.v
+        rows = b * k
+        logits = self.decoder(self.tokens.index_select(1, self.position)[:, 0], self.position, length)
+        scores = logits.float().log_softmax(dim=-1).double().index_fill(1, self.banned, NEG_INF)
+        if self.trie is not None:
+            scores = scores.masked_fill(~self.trie[0].index_select(0, self.node), NEG_INF)
+        psi = None
+        if self.ctc is not None:
+            lam = self.lam
+            candidates = None if lam >= 1 else scores.topk(self.pre_beam, dim=1).indices
+            psi = self.ctc.scores(candidates)
+            live = self.ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
+            gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
+            # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
+            scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
+        candidates = (self.scores.view(rows, 1) + scores).view(b, k * v)
+        top_scores, top = candidates.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in eos
+        beam, label = top.div(v, rounding_mode="floor"), top.remainder(v)
+        ends = label == self.eos
+        # Finished: eos among the best k candidates of an utterance not yet settled, while it has free slots.
+        new = ends & self.first_k & top_scores.isfinite() & ~self.settled[:, None]
+        slot = self.count[:, None] + new.long().cumsum(dim=1) - 1
+        new = new & (slot < k)
+        slot = torch.where(new, slot, k)  # the spare slot
+        parent = (self.base + beam).view(-1)
+        self.fin_scores.scatter_(1, slot, top_scores)
+        self.fin_length.scatter_(1, slot, self.position.expand(b, 2 * k))
+        self.fin_tokens.scatter_(1, slot[:, :, None].expand(-1, -1, self.max_len + 1),
+                                 self.tokens.index_select(0, parent).view(b, 2 * k, -1))
+        self.count += new.sum(dim=1)
+        # Live: the best k candidates that do not end.
+        order = (ends.long() * (4 * k) + self.rank).argsort(dim=1)[:, :k]
+        keep_beam, keep_label = beam.gather(1, order), label.gather(1, order).view(-1)
+        self.scores.copy_(top_scores.gather(1, order).masked_fill(ends.gather(1, order), NEG_INF))
+        index = (self.base + keep_beam).view(-1)
+        self.reorder(index, length)
+        if self.ctc is not None:
+            self.ctc.advance(index, keep_label, psi)
+        if self.trie is not None:
+            self.node.copy_(self.trie[1][self.node.index_select(0, index), keep_label])
+        self.tokens.copy_(self.tokens.index_select(0, index))
+        self.position += 1
+        self.tokens.index_copy_(1, self.position, keep_label[:, None])
+        best_finished = self.fin_scores[:, :k].max(dim=1).values
+        self.settled |= (self.count > 0) & (best_finished >= self.scores.max(dim=1).values)
+        self.done.copy_(self.settled.all() | (self.count >= k).all())
+
+    def run(self, graph: bool | None = None, fixed_shapes: bool | None = None,
+            warmup: int = 2) -> list[list[tuple[list[int], float]]]:
+        """Search until every utterance is settled, every utterance has ``k`` finished hypotheses, or ``max_len``
+        steps. ``graph`` (default: on CUDA) captures one step in a CUDA graph after ``warmup`` eager ones and
+        replays it. ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare
+        the two). Returns each utterance's finished hypotheses (labels without bos/eos, score), in the order they
+        finished; an utterance with fewer than ``k`` that is not settled also gets its live hypotheses as they stand.
+        """
+        device = self.tokens.device
+        graph = device.type == "cuda" if graph is None else graph
+        fixed_shapes = graph if fixed_shapes is None else fixed_shapes or graph
+        steps = 0
+        captured = None
+        if graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # eager warm-up steps on a side stream, as graph capture asks
+                while steps < min(warmup, self.max_len):
+                    self.step(None)
+                    steps += 1
+            torch.cuda.current_stream(device).wait_stream(side)
+            if steps < self.max_len and not bool(self.done):
+                captured = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(captured):
+                    self.step(None)  # recorded, not run
+        if captured is None:
+            while steps < self.max_len and not bool(self.done):
+                self.step(None if fixed_shapes else steps + 1)
+                steps += 1
+            return self._results(steps)
+        # Replays run ahead of the host: after each, the done flag is copied to pinned memory, and the host reads the
+        # previous step's copy, so the GPU never waits for the host; the search runs at most one step past done,
+        # which changes nothing (finished and settled utterances take no more hypotheses).
+        flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        while steps < self.max_len:
+            captured.replay()
+            flags[steps % 2].copy_(self.done, non_blocking=True)
+            events[steps % 2].record()
+            steps += 1
+            if steps >= 2:
+                events[steps % 2].synchronize()  # the step before this one
+                if bool(flags[steps % 2]):
+                    break
+        return self._results(steps)
+
+    def _results(self, steps: int) -> list[list[tuple[list[int], float]]]:
+        count, settled = self.count.tolist(), self.settled.tolist()
+        fin_scores, fin_length = self.fin_scores.tolist(), self.fin_length.tolist()
+        fin_tokens, tokens, scores = self.fin_tokens.cpu(), self.tokens.cpu(), self.scores.tolist()
+        out: list[list[tuple[list[int], float]]] = []
+        for i in range(self.b):
+            hyps = [(fin_tokens[i, j, 1:1 + fin_length[i][j]].tolist(), fin_scores[i][j]) for j in range(count[i])]
+            if not settled[i] and count[i] < self.k:  # hypotheses that never ended compete as they stand
+                hyps += [(tokens[i * self.k + j, 1:1 + steps].tolist(), scores[i][j]) for j in range(self.k)
+                         if math.isfinite(scores[i][j])]
+            out.append(hyps or [([], NEG_INF)])  # no finite score at all (a diverged model): an empty transcript
+        return out
