@@ -68,13 +68,21 @@ class BeamSearch:
         self.pre_beam = min(vocab, max(beam + 1, pre_beam or beam))
         b, k, rows = batch, beam, batch * beam
         long = dict(dtype=torch.long, device=device)
-        self.banned = torch.tensor(sorted(set(banned)), **long)
+        # What each lexicon node (one node without a lexicon) allows, as 0 or -inf to add to the scores.
+        allowed = torch.ones(1, vocab, dtype=torch.bool, device=device) if trie is None else trie[0]
+        allowed = allowed.clone()
+        allowed[:, list(banned)] = False
+        self.penalty = torch.zeros(allowed.shape, dtype=torch.float64, device=device).masked_fill(~allowed, NEG_INF)
         self.base = torch.arange(b, **long)[:, None] * k  # shape: (b, 1); each utterance's first row
         self.first_k = torch.arange(2 * k, **long)[None, :] < k  # the best k of 2k candidates
         self.rank = torch.arange(2 * k, **long)[None, :].expand(b, -1)
         # State, all updated in place.
-        self.position = torch.zeros(1, **long)  # the position of the tokens being fed (= steps taken)
-        self.tokens = torch.full((rows, max_len + 1), bos, **long)  # each hypothesis, after <bos>
+        self.position = torch.zeros(1, **long)  # the position of the labels being fed (= steps taken)
+        self.label = torch.full((rows,), bos, **long)  # each hypothesis's last label, fed to the next step
+        # Step s gave row i label[s, i] after the hypothesis of row parent[s, i]: hypotheses are traced back from
+        # these at the end, so no step copies whole label sequences.
+        self.history_label = torch.zeros(max_len, rows, **long)
+        self.history_parent = torch.zeros(max_len, rows, **long)
         # Scores in float64: they are sums over many steps, and the CTC prefix scores are float64.
         self.scores = torch.full((b, k), NEG_INF, dtype=torch.float64, device=device)
         self.scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
@@ -82,7 +90,7 @@ class BeamSearch:
         # Finished hypotheses: k slots per utterance and a spare one that takes the writes that are not kept.
         self.count = torch.zeros(b, **long)
         self.fin_scores = torch.full((b, k + 1), NEG_INF, dtype=torch.float64, device=device)
-        self.fin_tokens = torch.zeros(b, k + 1, max_len + 1, **long)
+        self.fin_row = torch.zeros(b, k + 1, **long)  # the row whose hypothesis (up to fin_length) ended
         self.fin_length = torch.zeros(b, k + 1, **long)
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
@@ -91,10 +99,9 @@ class BeamSearch:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
         b, k, v = self.b, self.k, self.v
         rows = b * k
-        logits = self.decoder(self.tokens.index_select(1, self.position)[:, 0], self.position, length)
-        scores = logits.float().log_softmax(dim=-1).double().index_fill(1, self.banned, NEG_INF)
-        if self.trie is not None:
-            scores = scores.masked_fill(~self.trie[0].index_select(0, self.node), NEG_INF)
+        logits = self.decoder(self.label, self.position, length)
+        penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
+        scores = logits.double().log_softmax(dim=-1) + penalty
         psi = None
         if self.ctc is not None:
             lam = self.lam
@@ -113,11 +120,9 @@ class BeamSearch:
         slot = self.count[:, None] + new.long().cumsum(dim=1) - 1
         new = new & (slot < k)
         slot = torch.where(new, slot, k)  # the spare slot
-        parent = (self.base + beam).view(-1)
         self.fin_scores.scatter_(1, slot, top_scores)
         self.fin_length.scatter_(1, slot, self.position.expand(b, 2 * k))
-        self.fin_tokens.scatter_(1, slot[:, :, None].expand(-1, -1, self.max_len + 1),
-                                 self.tokens.index_select(0, parent).view(b, 2 * k, -1))
+        self.fin_row.scatter_(1, slot, self.base + beam)
         self.count += new.sum(dim=1)
         # Live: the best k candidates that do not end.
         order = (ends.long() * (4 * k) + self.rank).argsort(dim=1)[:, :k]
@@ -129,9 +134,10 @@ class BeamSearch:
             self.ctc.advance(index, keep_label, psi)
         if self.trie is not None:
             self.node.copy_(self.trie[1][self.node.index_select(0, index), keep_label])
-        self.tokens.copy_(self.tokens.index_select(0, index))
+        self.history_label.index_copy_(0, self.position, keep_label[None])
+        self.history_parent.index_copy_(0, self.position, index[None])
+        self.label.copy_(keep_label)
         self.position += 1
-        self.tokens.index_copy_(1, self.position, keep_label[:, None])
         best_finished = self.fin_scores[:, :k].max(dim=1).values
         self.settled |= (self.count > 0) & (best_finished >= self.scores.max(dim=1).values)
         self.done.copy_(self.settled.all() | (self.count >= k).all())
@@ -144,7 +150,7 @@ class BeamSearch:
         the two). Returns each utterance's finished hypotheses (labels without bos/eos, score), in the order they
         finished; an utterance with fewer than ``k`` that is not settled also gets its live hypotheses as they stand.
         """
-        device = self.tokens.device
+        device = self.label.device
         graph = device.type == "cuda" if graph is None else graph
         fixed_shapes = graph if fixed_shapes is None else fixed_shapes or graph
         steps = 0
@@ -184,13 +190,23 @@ class BeamSearch:
 
     def _results(self, steps: int) -> list[list[tuple[list[int], float]]]:
         count, settled = self.count.tolist(), self.settled.tolist()
-        fin_scores, fin_length = self.fin_scores.tolist(), self.fin_length.tolist()
-        fin_tokens, tokens, scores = self.fin_tokens.cpu(), self.tokens.cpu(), self.scores.tolist()
+        fin_scores, fin_length, fin_row = self.fin_scores.tolist(), self.fin_length.tolist(), self.fin_row.tolist()
+        scores = self.scores.tolist()
+        labels, parents = self.history_label[:steps].cpu().numpy(), self.history_parent[:steps].cpu().numpy()
+
+        def trace(row: int, length: int) -> list[int]:
+            """The labels of ``row``'s hypothesis after ``length`` steps."""
+            out = []
+            for step in range(length - 1, -1, -1):
+                out.append(int(labels[step, row]))
+                row = int(parents[step, row])
+            return out[::-1]
+
         out: list[list[tuple[list[int], float]]] = []
         for i in range(self.b):
-            hyps = [(fin_tokens[i, j, 1:1 + fin_length[i][j]].tolist(), fin_scores[i][j]) for j in range(count[i])]
+            hyps = [(trace(fin_row[i][j], fin_length[i][j]), fin_scores[i][j]) for j in range(count[i])]
             if not settled[i] and count[i] < self.k:  # hypotheses that never ended compete as they stand
-                hyps += [(tokens[i * self.k + j, 1:1 + steps].tolist(), scores[i][j]) for j in range(self.k)
+                hyps += [(trace(i * self.k + j, steps), scores[i][j]) for j in range(self.k)
                          if math.isfinite(scores[i][j])]
             out.append(hyps or [([], NEG_INF)])  # no finite score at all (a diverged model): an empty transcript
         return out

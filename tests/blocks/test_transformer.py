@@ -176,8 +176,8 @@ def test_cache_reorder_matches_reordered_prefixes(cross):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["filled-positions", "fixed-shapes"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias):
+@pytest.mark.parametrize(("bias", "transposed"), [(False, False), (True, False), (True, True)])
+def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, transposed):
     """Two beams per utterance (rows 2i, 2i+1 share memory i; utterance 1's memory is padded, utterance 2's has no
     real frame at all): every step equals the full pass, before and after a reorder within each utterance."""
     stack = TransformerStack(LAYERS, D, H, causal=True, cross_attention=True, d_memory=D_MEM, bias=bias).eval()
@@ -193,7 +193,8 @@ def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias):
     split = 5
     with torch.no_grad():
         full = stack(x, memory=full_memory, memory_mask=full_mask)
-        cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask)
+        cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask, transposed=transposed)
+        assert all(lin.transposed == transposed for layer in cache.linears for lin in layer.values())
         outs = []
         for i in range(split):
             position = torch.tensor([i])
