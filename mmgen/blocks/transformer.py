@@ -247,8 +247,11 @@ class TransformerStack(nn.Module):
         first = self.blocks[0].self_attn
         if first.d_head_qk != first.d_head_v:
             raise ValueError("step decoding needs equal query/key and value widths per head")
+        dtype = ref.dtype
+        if torch.is_autocast_enabled(ref.device.type):  # e.g. validation in a bf16-mixed run: keys come in that dtype
+            dtype = torch.get_autocast_dtype(ref.device.type)
         kv = torch.zeros(len(self.blocks), 2, rows, first.num_heads, max_len, first.d_head_qk, device=ref.device,
-                         dtype=ref.dtype)
+                         dtype=dtype)
         transposed = ref.is_cuda and rows > 8 if transposed is None else transposed
         linears = []
         for block in self.blocks:
@@ -299,7 +302,7 @@ class TransformerStack(nn.Module):
             h = F.layer_norm(x, (d,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
             lin = cache.linears[i]
             qkv = lin["qkv"](h).view(rows, 3, heads, 1, e)
-            cache.kv[i].index_copy_(3, position, qkv[:, 1:].transpose(0, 1))
+            cache.kv[i].index_copy_(3, position, qkv[:, 1:].transpose(0, 1).to(cache.kv.dtype))
             keys, values = cache.kv[i, 0, :, :, :length], cache.kv[i, 1, :, :, :length]
             out = _few_query_attention(qkv[:, 0], keys, values, self_mask)  # shape: (rows, h, 1, e)
             x = x + lin["out"](out.view(rows, heads * e))

@@ -211,6 +211,18 @@ def test_fixed_shape_search_steps_equal_eager_steps(trained, fsdd_items) -> None
     assert_same_nbest(nbest, every_nbest(untrained, feats))
 
 
+def test_attention_searches_run_under_bf16_autocast(trained) -> None:
+    """Validation in a bf16-mixed run decodes under autocast: the step cache takes the autocast dtype, and the trained
+    model still spells its training words."""
+    model, _, train = trained
+    paths = [u.audio[0] for u in train[:8]]
+    for decoding in ("attention", "joint"):
+        plain = model.transcribe(paths, decoding=decoding)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.transcribe(paths, decoding=decoding)
+        assert mixed == plain, decoding
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
                     "(docs/benchmarks.md)")
 @torch.inference_mode()
@@ -226,6 +238,8 @@ def test_cuda_graph_search_equals_eager_search_and_the_cpu(trained, fsdd_items) 
         assert_same_nbest(graphed, every_nbest(model, feats, graph=False))
         assert_same_nbest(graphed, cpu)
         assert {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")} == cpu_text
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # a bf16-mixed run's validation, captured as well
+            assert {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")} == cpu_text
     finally:
         model.cpu()
 
