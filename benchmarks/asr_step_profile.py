@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from asr_rtf import ours  # noqa: E402
@@ -79,8 +80,6 @@ def main() -> None:
                     row["compiled_graph_ms"] = per_step_ms(graph.replay, n - 10)
                 search = model._beam_search(memory, mask, lp, model.hparams.beam_size, joint)
                 search.step(None)
-                from torch.profiler import ProfilerActivity, profile
-
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     search.step(None)
                     torch.cuda.synchronize()

@@ -109,15 +109,13 @@ class CTCPrefixScorer:
         self.x = x.clamp_min(self.FLOOR).transpose(1, 2).contiguous()
         self.blank, self.eos, self.group = blank, eos, group
         dev, dt = x.device, x.dtype
-        # Per row and frame f, log P of the alignments of g over frames 0..f ending in a label, in a blank, either.
-        self.r_label = torch.full((rows, t), NEG_INF, dtype=dt, device=dev)
+        # Per row and frame f, log P of the alignments of g over frames 0..f ending in a blank, and ending in either.
         self.r_blank = self.x[:, blank].cumsum(dim=1)
         self.r_any = self.r_blank.clone()
         # Before frame 0 only the empty prefix has been emitted: log 1 while g is empty, log 0 after.
         self.start = torch.zeros(rows, dtype=dt, device=dev)
         self.last = torch.full((rows,), -1, dtype=torch.long, device=dev)  # g's last label (-1: g is empty)
         self.prefix = torch.zeros(rows, dtype=dt, device=dev)  # log P_ctc(g ...)
-        self._candidates: Tensor | None = None
 
     def _shift(self, r: Tensor) -> Tensor:
         """r (rows, t) one frame later, with the start state before frame 0: the alignments a new label may follow."""
@@ -144,7 +142,6 @@ class CTCPrefixScorer:
         psi[:, self.eos] = self.r_any[:, -1]
         psi = psi.masked_fill(psi <= self.FLOOR / 2, NEG_INF)  # a path through an impossible frame is impossible
         psi[:, self.blank] = NEG_INF
-        self._candidates = candidates
         return psi
 
     def advance(self, index: Tensor, labels: Tensor, psi: Tensor) -> None:
@@ -163,7 +160,6 @@ class CTCPrefixScorer:
         xb = x[:, self.blank]
         cum_b = xb.cumsum(dim=1)
         blank = torch.logcumsumexp(self._none_then(label) - (cum_b - xb), dim=1) + cum_b
-        self.r_label.copy_(label)
         self.r_blank.copy_(blank)
         self.r_any.copy_(torch.logaddexp(label, blank))
         self.start.fill_(NEG_INF)

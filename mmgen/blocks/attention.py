@@ -56,14 +56,9 @@ class KVCache:
         self.key_padding_mask = key_padding_mask
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): row ``i`` becomes old row ``index[i]``. Only the filled positions are
-        copied (in place, so the buffers keep their size)."""
-        n = self.length
-        if len(index) != self.k.shape[0]:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-        else:
-            self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
-            self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+        """Select batch rows (beam search): row ``i`` becomes old row ``index[i]``."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
         if self.key_padding_mask is not None:
             self.key_padding_mask = self.key_padding_mask.index_select(0, index)
 

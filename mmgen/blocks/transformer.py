@@ -79,16 +79,13 @@ class DecoderCache:
     def max_len(self) -> int:
         return self.self_caches[0].max_len
 
-    def reorder(self, index: Tensor, memory: bool = True) -> None:
-        """Beam search: batch row ``i`` becomes old row ``index[i]`` in every layer. ``memory=False`` leaves the
-        cross-attention caches as they are, for a reorder that keeps each row's memory (beams of one utterance,
-        which share it): the encoder's keys and values are then not copied at every step."""
+    def reorder(self, index: Tensor) -> None:
+        """Beam search: batch row ``i`` becomes old row ``index[i]`` in every layer."""
         for c in self.self_caches:
             c.reorder(index)
-        if memory:
-            for c in self.cross_caches:
-                if c is not None:
-                    c.reorder(index)
+        for c in self.cross_caches:
+            if c is not None:
+                c.reorder(index)
 
     def reset(self) -> None:
         for c in self.self_caches:
@@ -101,8 +98,8 @@ class DecoderCache:
 def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """``softmax(q kᵀ / √e) v`` for a few queries per row (decoding steps), every row with an allowed key. On a GPU
     the fused kernels of ``scaled_dot_product_attention`` parallelise over queries, and one query over a few hundred
-    keys takes them about 30 µs in float32 (measured on an H100, benchmarks/asr_step_profile.py); the plain formula's
-    two batched products and softmax take a few µs. On the CPU the fused kernel is the faster one."""
+    keys takes them about 29 µs in float32; the plain formula's two batched products and softmax take 12-14 µs
+    (H100: ``benchmarks/step_kernels_probe.py``). On the CPU the fused kernel is the faster one."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
@@ -114,7 +111,8 @@ def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -
 class StepLinear:
     """A projection's weights for decoding steps. On a GPU with more than 8 rows the weight is kept transposed and
     applied with ``addmm``: cuBLAS then picks a kernel about 3x faster than for ``F.linear``'s layout at these sizes
-    (4.9 vs 16 µs for 32 x 144 -> 432 in float32 on an H100); with few rows ``F.linear`` is the faster."""
+    (32 x 144 -> 432 in float32 on an H100, ``benchmarks/step_kernels_probe.py``); with few rows ``F.linear`` is the
+    faster."""
 
     def __init__(self, weights: list[Tensor], biases: list[Tensor | None], transposed: bool) -> None:
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -161,8 +159,8 @@ class StepCache:
     def reorder(self, index: Tensor, length: int | None = None) -> None:
         """Row ``i`` becomes old row ``index[i]`` in every layer. With ``length`` (eager steps) the buffer is
         replaced by its reordered copy; without it (fixed shapes, CUDA graphs) the copy is written back in place, so
-        the buffer keeps its address. (Reordering only the filled positions of the buffer, a strided view, took
-        2-3 ms on the CPU at times, against 0.06 ms for the whole contiguous buffer.)"""
+        the buffer keeps its address. (Reordering only the filled positions, a strided view, sometimes took
+        milliseconds on the CPU, many times the whole contiguous buffer's copy.)"""
         if length is None:
             self.kv.copy_(self.kv.index_select(2, index))
         else:
@@ -287,8 +285,9 @@ class TransformerStack(nn.Module):
         positions; without it, the whole buffer under a mask up to ``position``, so every shape is fixed and the
         step can be captured in a CUDA graph. Written beside :meth:`forward` rather than through it for speed: a
         decoding step is a few dozen tiny operations, so here the query/key/value projections are one matrix
-        product, all layers' caches are one buffer, and no module call or mask logic runs per layer. The attention
-        itself is the same ``scaled_dot_product_attention``; tests check this step against :meth:`forward`.
+        product, all layers' caches are one buffer, and no module call or mask logic runs per layer; attention over
+        a few queries takes the faster of two forms per device (:func:`_few_query_attention`). Tests check this step
+        against :meth:`forward`.
         """
         rows, d = x.shape
         group = cache.group
