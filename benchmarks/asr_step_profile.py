@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps replayed as a CUDA graph")
+    p.add_argument("--fused", choices=("on", "off", "both"), default="both",
+                   help="the decoder step as one Triton kernel (mmgen.kernels), as PyTorch operations, or both")
     a = p.parse_args()
     model = ours("cuda")
     model.hparams.max_target_length = 10 * a.steps
@@ -45,8 +47,11 @@ def main() -> None:
             feats = model.source.collate([model.source.features(w) for w in wave])
             memory, mask = model.net.encode(feats.values.cuda(), feats.mask.cuda())
             lp = model.net.ctc_head(memory).float().log_softmax(-1)
-            for joint in (False, True):
-                row = {"seconds": seconds, "batch": batch, "decoding": "joint" if joint else "attention"}
+            for joint, fused in ((j, f) for j in (False, True) for f in {"on": (True,), "off": (False,),
+                                                                           "both": (False, True)}[a.fused]):
+                model.fused_decoding = fused
+                row = {"seconds": seconds, "batch": batch, "decoding": "joint" if joint else "attention",
+                       "fused": fused}
                 def fresh(warm: int = 3):
                     s = model._beam_search(memory, mask, lp, model.hparams.beam_size, joint)
                     for _ in range(warm):
@@ -86,7 +91,7 @@ def main() -> None:
                 events = [e for e in prof.key_averages() if e.device_time_total > 0]
                 row["kernels_per_step"] = sum(e.count for e in events)
                 row["gpu_busy_ms"] = sum(e.device_time_total for e in events) / 1e3
-                kernels[f"{seconds}s_b{batch}_{row['decoding']}"] = [
+                kernels[f"{seconds}s_b{batch}_{row['decoding']}{'_fused' if fused else ''}"] = [
                     {"name": e.key[:90], "count": e.count, "us": round(e.device_time_total, 1)}
                     for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]
                 print(json.dumps(row), flush=True)

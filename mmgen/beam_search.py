@@ -4,8 +4,9 @@ Every step has fixed shapes and reads nothing back to the host: the decoder step
 CTC/attention decoding) and lexicon constraints, the choice of the best continuations, the book of finished
 hypotheses and the reorder of the decoder's state. On a GPU one step is captured once as a CUDA graph and replayed,
 so a step costs one graph launch instead of a few hundred kernel launches from Python; on the CPU the same step runs
-eagerly. Written here: the beam searches of torchaudio are CTC-only, and the generic ones (ESPnet, fairseq) keep
-their bookkeeping in Python, one host round trip per step.
+eagerly. With ``fused`` (the default on CUDA), the bookkeeping after the decoder's scores is one Triton kernel
+(:mod:`mmgen.kernels.beam_step`) instead of some sixty small ones. Written here: the beam searches of torchaudio are
+CTC-only, and the generic ones (ESPnet, fairseq) keep their bookkeeping in Python, one host round trip per step.
 
 Notation: ``b`` utterances, ``k`` beam, ``rows = b * k`` hypotheses, ``v`` vocabulary, ``L`` positions.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mmgen.ctc import CTCPrefixScorer
+from mmgen.kernels import triton_usable
 
 __all__ = ["BeamSearch"]
 
@@ -56,12 +58,17 @@ class BeamSearch:
         pre_beam: labels per hypothesis scored by CTC (the decoder's best), when λ < 1.
         trie: the lexicon as ``(allowed (nodes, v), step (nodes, v))``: which ids may follow each trie node and the
             node they lead to; node 0 starts a word.
+        fused: a step's bookkeeping (from the step's scores to the new state: choice of the best continuations,
+            finished book, trie nodes, history, flags; with no CTC scorer, the ``log_softmax`` and lexicon penalty
+            too) runs as one Triton kernel (:class:`mmgen.kernels.beam_step.BeamSelect`) instead of some sixty small
+            PyTorch ones; default: on CUDA with Triton (:func:`mmgen.kernels.triton_usable`); on the CPU only under
+            Triton's interpreter, as tests run it. Same results; the PyTorch code is the reference (``fused=False``).
     """
 
     def __init__(self, decoder: StepFn, reorder: ReorderFn, *, batch: int, beam: int, vocab: int, bos: int,
                  eos: int, banned: Sequence[int], max_len: int, device: torch.device,
                  ctc: CTCPrefixScorer | None = None, ctc_weight: float = 0.0, pre_beam: int | None = None,
-                 trie: tuple[Tensor, Tensor] | None = None) -> None:
+                 trie: tuple[Tensor, Tensor] | None = None, fused: bool | None = None) -> None:
         self.decoder, self.reorder = decoder, reorder
         self.b, self.k, self.v, self.eos, self.max_len = batch, beam, vocab, eos, max_len
         self.ctc, self.lam, self.trie = ctc, ctc_weight, trie
@@ -94,12 +101,21 @@ class BeamSearch:
         self.fin_length = torch.zeros(b, k + 1, **long)
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.fused = triton_usable(device) if fused is None else fused
+        if self.fused:
+            from mmgen.kernels.beam_step import BeamSelect  # imports Triton: only when asked for
+
+            self._select = BeamSelect(self)
 
     def step(self, length: int | None) -> None:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
         b, k, v = self.b, self.k, self.v
         rows = b * k
         logits = self.decoder(self.label, self.position, length)
+        if self.fused and self.ctc is None:  # everything below in one launch, log_softmax and penalty included
+            index, keep_label = self._select(logits, normalise=True)
+            self.reorder(index, length)
+            return
         penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
         scores = logits.double().log_softmax(dim=-1) + penalty
         psi = None
@@ -111,6 +127,11 @@ class BeamSearch:
             gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
             # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
             scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
+            if self.fused:  # the rest in one launch
+                index, keep_label = self._select(scores, normalise=False)
+                self.reorder(index, length)
+                self.ctc.advance(index, keep_label, psi)
+                return
         candidates = (self.scores.view(rows, 1) + scores).view(b, k * v)
         top_scores, top = candidates.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in eos
         beam, label = top.div(v, rounding_mode="floor"), top.remainder(v)
@@ -143,7 +164,7 @@ class BeamSearch:
         self.done.copy_(self.settled.all() | (self.count >= k).all())
 
     def run(self, graph: bool | None = None, fixed_shapes: bool | None = None,
-            warmup: int = 2) -> list[list[tuple[list[int], float]]]:
+            warmup: int = 1) -> list[list[tuple[list[int], float]]]:
         """Search until every utterance is settled, every utterance has ``k`` finished hypotheses, or ``max_len``
         steps. ``graph`` (default: on CUDA) captures one step in a CUDA graph after ``warmup`` eager ones and
         replays it. ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare

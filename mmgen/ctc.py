@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmgen.kernels import triton_usable
+
 __all__ = ["CTCPrefixScorer", "ctc_greedy", "ctc_prefix_beam_search", "min_ctc_frames"]
 
 NEG_INF = -math.inf
@@ -88,6 +90,11 @@ class CTCPrefixScorer:
     Every operation has a fixed shape and none reads a value back to the host, so a step can be captured in a CUDA
     graph; :meth:`advance` updates the state in place.
 
+    With ``fused``, :meth:`scores` is one Triton launch and :meth:`advance` one (two for ``group=1`` beyond 16 rows)
+    instead of some seventy small PyTorch kernels (:class:`mmgen.kernels.ctc_prefix.FusedCTCPrefix`), on the same
+    state tensors; the scores then come in a buffer owned by the scorer, overwritten by the next :meth:`scores`. The
+    results are the PyTorch code's (the reference, ``fused=False``) up to the order of float64 sums (last bits).
+
     Args:
         log_probs: (rows, t, v) CTC log-probabilities.
         lengths: (rows,) real frames per row; frames past a row's length are treated as certain blanks, which leaves
@@ -96,11 +103,14 @@ class CTCPrefixScorer:
         eos: the id scored as "the hypothesis ends here".
         group: rows come in groups of ``group`` consecutive rows that score the same utterance (the beams of a beam
             search), and :meth:`advance` moves rows only within their group, so the inputs are not reordered.
+        fused: run :meth:`scores` and :meth:`advance` as Triton kernels; default: on CUDA with Triton
+            (:func:`mmgen.kernels.triton_usable`). Elsewhere only when asked for, under Triton's interpreter.
     """
 
     FLOOR = -1e4  # log-probability standing for "impossible" inside the sums (exp underflows to exactly 0)
 
-    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int, group: int = 1) -> None:
+    def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int, group: int = 1,
+                 fused: bool | None = None) -> None:
         rows, t, v = log_probs.shape
         pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
         x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
@@ -116,6 +126,11 @@ class CTCPrefixScorer:
         self.start = torch.zeros(rows, dtype=dt, device=dev)
         self.last = torch.full((rows,), -1, dtype=torch.long, device=dev)  # g's last label (-1: g is empty)
         self.prefix = torch.zeros(rows, dtype=dt, device=dev)  # log P_ctc(g ...)
+        self.fused = triton_usable(dev) if fused is None else fused
+        if self.fused:
+            from mmgen.kernels.ctc_prefix import FusedCTCPrefix  # imports Triton: only when asked for
+
+            self._fused = FusedCTCPrefix(self)
 
     def _shift(self, r: Tensor) -> Tensor:
         """r (rows, t) one frame later, with the start state before frame 0: the alignments a new label may follow."""
@@ -128,6 +143,8 @@ class CTCPrefixScorer:
         ``candidates`` (rows, n): the labels to score per row (a search's pre-beam, e.g. the attention decoder's
         best few), every label by default. Scoring few labels is cheaper; the scores of those labels are the same.
         """
+        if self.fused:
+            return self._fused.scores(candidates)
         x, (rows, v, t) = self.x, self.x.shape
         if candidates is None:
             candidates = torch.arange(v, device=x.device).expand(rows, v)
@@ -147,6 +164,9 @@ class CTCPrefixScorer:
     def advance(self, index: Tensor, labels: Tensor, psi: Tensor) -> None:
         """Row ``i`` becomes hypothesis ``index[i]`` extended by ``labels[i]`` (a candidate of the last
         :meth:`scores`, whose ``psi`` is passed back)."""
+        if self.fused:
+            self._fused.advance(index, labels, psi)
+            return
         x = self.x if self.group > 1 else self.x.index_select(0, index)
         xl = x.gather(1, labels[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # shape: (rows, t)
         repeat = (labels == self.last.index_select(0, index))[:, None]

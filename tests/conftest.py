@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import lightning as L
-import pytest
 import torch
 
-from mmgen.data import TextDataModule, data_dir
-from mmgen.tasks import LanguageModel
-from mmgen_text import CharTokenizer
+# Without a GPU, the Triton kernels (mmgen.kernels) run in Triton's interpreter. Set before Triton is imported
+# (Lightning imports it), as its own functions are defined at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+
+from mmgen.data import TextDataModule, data_dir  # noqa: E402
+from mmgen.tasks import LanguageModel  # noqa: E402
+from mmgen_text import CharTokenizer  # noqa: E402
 
 VERSE = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
          "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date;\n")

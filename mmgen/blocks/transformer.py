@@ -6,12 +6,17 @@ Notation: ``b`` batch, ``s`` target length, ``t`` memory (encoder output) length
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgen.blocks.attention import KVCache, MultiHeadAttention
+from mmgen.kernels import triton_usable
+
+if TYPE_CHECKING:
+    from mmgen.kernels.decoder_step import FusedStepCache
 
 __all__ = ["DecoderCache", "FeedForward", "StepCache", "StepLinear", "TransformerBlock", "TransformerStack"]
 
@@ -236,18 +241,28 @@ class TransformerStack(nn.Module):
 
     @torch.no_grad()
     def step_cache(self, rows: int, max_len: int, *, memory: Tensor | None = None,
-                   memory_mask: Tensor | None = None, transposed: bool | None = None) -> StepCache:
+                   memory_mask: Tensor | None = None, transposed: bool | None = None,
+                   fused: bool | None = None) -> StepCache | FusedStepCache:
         """A :class:`StepCache` for ``rows`` decoding rows and ``max_len`` positions. ``memory`` (b, t, d_memory),
         with ``rows`` a multiple of b: each utterance's memory serves ``rows // b`` consecutive rows.
         ``transposed``: how :class:`StepLinear` keeps the weights (default: transposed on a GPU for more than 8
-        rows)."""
+        rows). ``fused``: a :class:`~mmgen.kernels.decoder_step.FusedStepCache` instead, whose steps run as one
+        Triton kernel (default: on a GPU with Triton, float32 weights, no autocast; ``True`` elsewhere runs the kernel
+        in Triton's interpreter, for tests)."""
         ref = next(self.parameters())
         first = self.blocks[0].self_attn
         if first.d_head_qk != first.d_head_v:
             raise ValueError("step decoding needs equal query/key and value widths per head")
         dtype = ref.dtype
-        if torch.is_autocast_enabled(ref.device.type):  # e.g. validation in a bf16-mixed run: keys come in that dtype
+        autocast = torch.is_autocast_enabled(ref.device.type)
+        if autocast:  # e.g. validation in a bf16-mixed run: keys come in that dtype
             dtype = torch.get_autocast_dtype(ref.device.type)
+        if fused is None:
+            fused = triton_usable(ref.device) and ref.dtype == torch.float32 and not autocast
+        if fused:
+            from mmgen.kernels.decoder_step import FusedStepCache  # imports Triton
+
+            return FusedStepCache(self, rows, max_len, memory, memory_mask, torch.float32)
         kv = torch.zeros(len(self.blocks), 2, rows, first.num_heads, max_len, first.d_head_qk, device=ref.device,
                          dtype=dtype)
         transposed = ref.is_cuda and rows > 8 if transposed is None else transposed
@@ -289,6 +304,10 @@ class TransformerStack(nn.Module):
         a few queries takes the faster of two forms per device (:func:`_few_query_attention`). Tests check this step
         against :meth:`forward`.
         """
+        if not isinstance(cache, StepCache):  # a FusedStepCache: the whole step is one kernel
+            from mmgen.kernels.decoder_step import fused_decoder_step
+
+            return fused_decoder_step(x, position, cache)
         rows, d = x.shape
         group = cache.group
         self_mask = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
@@ -26,6 +26,9 @@ from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerSta
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
+
+if TYPE_CHECKING:
+    from mmgen.kernels.decoder_step import FusedStepCache
 
 __all__ = ["ASRNet", "SpeechRecognizer"]
 
@@ -73,14 +76,17 @@ class ASRNet(nn.Module):
         x = x + sinusoidal_positions(ids.shape[1], self.d_model, offset, device=ids.device).to(x.dtype)
         return self.head(self.decoder(self.drop(x), memory=memory, memory_mask=memory_mask, cache=cache))
 
-    def step_cache(self, rows: int, max_len: int, memory: Tensor, memory_mask: Tensor) -> StepCache:
+    def step_cache(self, rows: int, max_len: int, memory: Tensor, memory_mask: Tensor,
+                   fused: bool | None = None) -> StepCache | FusedStepCache:
         """Fixed-shape decoding state for :meth:`decode_step`: ``rows`` hypotheses (a multiple of the memory's
-        batch, each utterance's consecutive), ``max_len`` positions."""
-        cache = self.decoder.step_cache(rows, max_len, memory=memory, memory_mask=memory_mask)
+        batch, each utterance's consecutive), ``max_len`` positions; ``fused``: see
+        :meth:`~mmgen.blocks.TransformerStack.step_cache`."""
+        cache = self.decoder.step_cache(rows, max_len, memory=memory, memory_mask=memory_mask, fused=fused)
         cache.positions = sinusoidal_positions(max_len, self.d_model, device=memory.device).to(memory.dtype)
         return cache
 
-    def decode_step(self, ids: Tensor, position: Tensor, cache: StepCache, length: int | None = None) -> Tensor:
+    def decode_step(self, ids: Tensor, position: Tensor, cache: StepCache | FusedStepCache,
+                    length: int | None = None) -> Tensor:
         """One token per row, inference only: ids (rows,) at ``position`` (1-element long tensor) -> logits
         (rows, v); :meth:`decode` with a cache, in fixed shapes (see :meth:`TransformerStack.step`)."""
         x = self.embed(ids[:, None])[:, 0] * math.sqrt(self.d_model) + cache.positions.index_select(0, position)
@@ -142,6 +148,9 @@ class SpeechRecognizer(L.LightningModule):
         self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
         self._decoders: dict[tuple, object] = {}  # built on first use
         self.graph_decoding = True  # attention searches on a GPU replay each step as a CUDA graph
+        # and run it as Triton kernels (mmgen.kernels): the decoder step (float32 weights, no autocast), the CTC prefix
+        # scores and the search's bookkeeping; False runs the PyTorch reference code
+        self.fused_decoding = True
         self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
         self.target: TextModality = require_role(self, modalities, "target", TextModality)
         init = None
@@ -423,18 +432,18 @@ class SpeechRecognizer(L.LightningModule):
         b = memory.shape[0]
         lengths = mask.sum(dim=1)
         max_len = min(self.hparams.max_target_length, int(lengths.max()) + 1)
-        cache = self.net.step_cache(b * k, max_len, memory, mask)
+        cache = self.net.step_cache(b * k, max_len, memory, mask, fused=None if self.fused_decoding else False)
         lam = self.hparams.ctc_rescore_weight
         ctc = None
         if joint and lam > 0:
             ctc = CTCPrefixScorer(ctc_log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k),
-                                  self.blank_id, spec.eos_id, group=k)
+                                  self.blank_id, spec.eos_id, group=k, fused=None if self.fused_decoding else False)
         return BeamSearch(
             lambda ids, position, length: self.net.decode_step(ids, position, cache, length), cache.reorder,
             batch=b, beam=k, vocab=spec.vocab_size, bos=spec.bos_id, eos=spec.eos_id,
             banned=[i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None], max_len=max_len,
             device=memory.device, ctc=ctc, ctc_weight=lam, pre_beam=int(PRE_BEAM_RATIO * k),
-            trie=self._lexicon_trie(memory.device))
+            trie=self._lexicon_trie(memory.device), fused=None if self.fused_decoding else False)
 
     def _ctc_rescore(self, nbest: list[list[tuple[list[int], float]]], log_probs: Tensor,
                      lengths: Tensor) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmgen.blocks.transformer import TransformerStack
+from mmgen.blocks.transformer import StepCache, TransformerStack
 
 B, L, D, H, LAYERS = 3, 8, 16, 4, 2
 T, D_MEM = 6, 12  # memory length and width
@@ -175,11 +175,18 @@ def test_cache_reorder_matches_reordered_prefixes(cross):
 # 8b. Fixed-shape steps (StepCache): the full pass, one position at a time, beams sharing their utterance's memory.
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixed", [False, True], ids=["filled-positions", "fixed-shapes"])
-@pytest.mark.parametrize(("bias", "transposed"), [(False, False), (True, False), (True, True)])
-def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, transposed):
+# The fused kernel has one mode (it reads the position from the device and ignores ``length``): fixed shapes.
+STEP_CASES = [(fixed, bias, transposed, False) for fixed in (False, True)
+              for bias, transposed in ((False, False), (True, False), (True, True))]
+STEP_CASES += [(True, False, False, True), (True, True, False, True)]
+
+
+@pytest.mark.parametrize(("fixed", "bias", "transposed", "fused"), STEP_CASES)
+def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, transposed, fused):
     """Two beams per utterance (rows 2i, 2i+1 share memory i; utterance 1's memory is padded, utterance 2's has no
-    real frame at all): every step equals the full pass, before and after a reorder within each utterance."""
+    real frame at all): every step equals the full pass, before and after a reorder within each utterance. ``fused``:
+    the Triton kernel (mmgen.kernels.decoder_step; in Triton's interpreter without a GPU), whose reorder moves the
+    lineage table rather than the keys."""
     stack = TransformerStack(LAYERS, D, H, causal=True, cross_attention=True, d_memory=D_MEM, bias=bias).eval()
     with torch.no_grad():
         for p in stack.parameters():  # biases and norms away from their initial 0 and 1
@@ -191,17 +198,24 @@ def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, t
     full_memory, full_mask = memory.repeat_interleave(k, dim=0), memory_mask.repeat_interleave(k, dim=0)
     index = torch.tensor([1, 1, 2, 3, 5, 4])  # beams move within their utterance
     split = 5
+    dev = "cuda" if fused and torch.cuda.is_available() else "cpu"  # the kernel compiled on a GPU
+    stack, memory, memory_mask, x, full_memory, full_mask, index = (
+        t.to(dev) for t in (stack, memory, memory_mask, x, full_memory, full_mask, index))
     with torch.no_grad():
         full = stack(x, memory=full_memory, memory_mask=full_mask)
-        cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask, transposed=transposed)
-        assert all(lin.transposed == transposed for layer in cache.linears for lin in layer.values())
+        cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask, transposed=transposed,
+                                 fused=fused)
+        assert isinstance(cache, StepCache) != fused
+        if not fused:
+            assert all(lin.transposed == transposed for layer in cache.linears for lin in layer.values())
         outs = []
         for i in range(split):
-            position = torch.tensor([i])
+            position = torch.tensor([i], device=dev)
             outs.append(stack.step(x[:, i], position, cache, None if fixed else i + 1))
         cache.reorder(index, None if fixed else split)
         moved = x[index]
-        after = [stack.step(moved[:, i], torch.tensor([i]), cache, None if fixed else i + 1) for i in range(split, L)]
+        after = [stack.step(moved[:, i], torch.tensor([i], device=dev), cache, None if fixed else i + 1)
+                 for i in range(split, L)]
         expected_after = stack(torch.cat([x[index, :split], moved[:, split:]], dim=1), memory=full_memory,
                                memory_mask=full_mask)[:, split:]
     torch.testing.assert_close(torch.stack(outs, dim=1), full[:, :split], rtol=0, atol=ATOL)
