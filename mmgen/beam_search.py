@@ -22,7 +22,7 @@ from torch import Tensor
 from mmgen.ctc import CTCPrefixScorer
 from mmgen.kernels import triton_usable
 
-__all__ = ["BeamSearch"]
+__all__ = ["BeamSearch", "lexicon_trie"]
 
 NEG_INF = -math.inf
 
@@ -31,6 +31,35 @@ NEG_INF = -math.inf
 StepFn = Callable[[Tensor, Tensor, "int | None"], Tensor]
 # reorder(index (rows,), length): row i of the decoder's state becomes old row index[i].
 ReorderFn = Callable[[Tensor, "int | None"], None]
+
+
+def lexicon_trie(words: Sequence[Sequence[int]], vocab: int, eos: int, space: int | None = None,
+                 device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Words (label ids) as the trie :class:`BeamSearch` takes: ``allowed`` (nodes, v) says which ids may follow each
+    node, ``step`` (nodes, v) gives the node an id leads to. Node 0 is a word's start; ``space`` (after a whole word)
+    leads back to it, and ``eos`` may follow a whole word. Written here: torchaudio's lexicon decoder is CTC-only and
+    needs flashlight-text."""
+    children: list[dict[int, int]] = [{}]
+    whole = [False]
+    for word in words:
+        node = 0
+        for i in word:
+            if i not in children[node]:
+                children[node][i] = len(children)
+                children.append({})
+                whole.append(False)
+            node = children[node][i]
+        whole[node] = True
+    allowed = torch.zeros(len(children), vocab, dtype=torch.bool)
+    step = torch.zeros(len(children), vocab, dtype=torch.long)
+    for node, kids in enumerate(children):
+        for i, child in kids.items():
+            allowed[node, i], step[node, i] = True, child
+        if whole[node] and node != 0:
+            allowed[node, eos] = True
+            if space is not None:
+                allowed[node, space] = True  # step: back to node 0
+    return allowed.to(device), step.to(device)
 
 
 class BeamSearch:
@@ -109,30 +138,31 @@ class BeamSearch:
 
     def step(self, length: int | None) -> None:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
-        b, k, v = self.b, self.k, self.v
-        rows = b * k
         logits = self.decoder(self.label, self.position, length)
-        if self.fused and self.ctc is None:  # everything below in one launch, log_softmax and penalty included
-            index, keep_label = self._select(logits, normalise=True)
-            self.reorder(index, length)
-            return
-        penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
-        scores = logits.double().log_softmax(dim=-1) + penalty
         psi = None
+        if self.fused and self.ctc is None:  # one launch from the logits, log_softmax and penalty included
+            index, keep_label = self._select(logits, normalise=True)
+        else:
+            penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
+            scores = logits.double().log_softmax(dim=-1) + penalty
+            if self.ctc is not None:
+                lam = self.lam
+                candidates = None if lam >= 1 else scores.topk(self.pre_beam, dim=1).indices
+                psi = self.ctc.scores(candidates)
+                live = self.ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
+                gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
+                # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
+                scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
+            index, keep_label = self._select(scores, normalise=False) if self.fused else self._bookkeeping(scores)
+        self.reorder(index, length)
         if self.ctc is not None:
-            lam = self.lam
-            candidates = None if lam >= 1 else scores.topk(self.pre_beam, dim=1).indices
-            psi = self.ctc.scores(candidates)
-            live = self.ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
-            gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
-            # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
-            scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
-            if self.fused:  # the rest in one launch
-                index, keep_label = self._select(scores, normalise=False)
-                self.reorder(index, length)
-                self.ctc.advance(index, keep_label, psi)
-                return
-        candidates = (self.scores.view(rows, 1) + scores).view(b, k * v)
+            self.ctc.advance(index, keep_label, psi)
+
+    def _bookkeeping(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """From the step's scores (rows, v) to the new state, in PyTorch (the fused kernel's reference); returns
+        each new hypothesis's row ``index`` and label, for the reorder of the decoder's state and the CTC scorer."""
+        b, k, v = self.b, self.k, self.v
+        candidates = (self.scores.view(b * k, 1) + scores).view(b, k * v)
         top_scores, top = candidates.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in eos
         beam, label = top.div(v, rounding_mode="floor"), top.remainder(v)
         ends = label == self.eos
@@ -150,9 +180,6 @@ class BeamSearch:
         keep_beam, keep_label = beam.gather(1, order), label.gather(1, order).view(-1)
         self.scores.copy_(top_scores.gather(1, order).masked_fill(ends.gather(1, order), NEG_INF))
         index = (self.base + keep_beam).view(-1)
-        self.reorder(index, length)
-        if self.ctc is not None:
-            self.ctc.advance(index, keep_label, psi)
         if self.trie is not None:
             self.node.copy_(self.trie[1][self.node.index_select(0, index), keep_label])
         self.history_label.index_copy_(0, self.position, keep_label[None])
@@ -162,6 +189,7 @@ class BeamSearch:
         best_finished = self.fin_scores[:, :k].max(dim=1).values
         self.settled |= (self.count > 0) & (best_finished >= self.scores.max(dim=1).values)
         self.done.copy_(self.settled.all() | (self.count >= k).all())
+        return index, keep_label
 
     def run(self, graph: bool | None = None, fixed_shapes: bool | None = None,
             warmup: int = 1) -> list[list[tuple[list[int], float]]]:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mmgen.beam_search import BeamSearch
+from mmgen.beam_search import BeamSearch, lexicon_trie
 from mmgen.ctc import CTCPrefixScorer
 
 # Ids: 0 pad, 1 bos, 2 eos, 3 CTC blank, 4... characters, 11 the space of the lexicon.
@@ -43,29 +43,6 @@ class ToyDecoder:
         self.hash.copy_(self.hash.index_select(0, index))
 
 
-def lexicon_trie(v: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trie of ``WORDS``, as ``SpeechRecognizer._lexicon_trie`` builds it."""
-    children: list[dict[int, int]] = [{}]
-    whole = [False]
-    for word in WORDS:
-        node = 0
-        for i in word:
-            if i not in children[node]:
-                children[node][i] = len(children)
-                children.append({})
-                whole.append(False)
-            node = children[node][i]
-        whole[node] = True
-    allowed = torch.zeros(len(children), v, dtype=torch.bool)
-    step = torch.zeros(len(children), v, dtype=torch.long)
-    for node, kids in enumerate(children):
-        for i, child in kids.items():
-            allowed[node, i], step[node, i] = True, child
-        if whole[node] and node != 0:
-            allowed[node, EOS] = allowed[node, SPACE] = True  # step: the space back to node 0
-    return allowed.to(device), step.to(device)
-
-
 def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos_from: list[float], seed: int = 0,
                 dtype: torch.dtype = torch.float32, trie: bool | tuple = False, ctc_weight: float | None = None,
                 device: torch.device = DEVICE) -> tuple[BeamSearch, ToyDecoder]:
@@ -79,7 +56,7 @@ def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos
         ctc = CTCPrefixScorer(log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k), BLANK, EOS,
                               group=k)
     if trie is True:
-        trie = lexicon_trie(v, device)
+        trie = lexicon_trie(WORDS, v, EOS, SPACE, device)
     search = BeamSearch(decoder, decoder.reorder, batch=b, beam=k, vocab=v, bos=BOS, eos=EOS,
                         banned=[PAD, BOS, BLANK], max_len=max_len, device=device, ctc=ctc,
                         ctc_weight=ctc_weight or 0.0, pre_beam=k + 2, trie=trie or None, fused=fused)

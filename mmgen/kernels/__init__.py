@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["interpreted", "triton_usable"]
+__all__ = ["interpreted", "pow2", "triton_usable"]
 
 
 def triton_usable(device: torch.device | str) -> bool:
@@ -30,3 +30,8 @@ def triton_usable(device: torch.device | str) -> bool:
 def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (on the CPU, for tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two at least ``n`` and ``least``: a Triton block size (tiles are powers of 2)."""
+    return max(least, 1 << max(n - 1, 0).bit_length())

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmgen.kernels import interpreted
+from mmgen.kernels import interpreted, pow2
 
 if TYPE_CHECKING:
     from mmgen.ctc import CTCPrefixScorer
@@ -222,10 +222,6 @@ def _advance_kernel(x_ptr, r_blank_ptr, r_any_ptr, start_ptr, last_ptr, prefix_p
         tl.store(start_ptr + r, tl.full((BG,), NEG_INF, tl.float64), mask=mg)
 
 
-def _pow2(n: int, least: int = 1) -> int:
-    return max(least, triton.next_power_of_2(n))
-
-
 class FusedCTCPrefix:
     """The fused calls of ``scorer`` (built by it with ``fused=True``): :meth:`scores` and :meth:`advance` do what
     the scorer's PyTorch methods do, on its state tensors, in place. The scores are written to a buffer allocated
@@ -249,9 +245,9 @@ class FusedCTCPrefix:
         self._one_launch = not self._move_x or rows <= ONE_PROGRAM
         g = (s.group if s.group > 1 else rows) if self._one_launch else 2
         self._x_scratch = torch.empty_like(s.x) if self._move_x else self._scratch
-        bg = _pow2(g, 2)
+        bg = pow2(g, 2)
         tile = max(ADVANCE_TILE // bg, 16)
-        self._advance_meta = dict(V=v, G=g, BG=bg, BT=min(_pow2(t, 16), tile), BX=tile, MOVE_X=self._move_x,
+        self._advance_meta = dict(V=v, G=g, BG=bg, BT=min(pow2(t, 16), tile), BX=tile, MOVE_X=self._move_x,
                                   T_STATIC=t if interpreted() else 0, num_warps=8)
 
     def scores(self, candidates: Tensor | None) -> Tensor:
@@ -262,12 +258,12 @@ class FusedCTCPrefix:
             if candidates.shape[0] != rows:
                 raise ValueError(f"candidates: {tuple(candidates.shape)}, expected ({rows}, n)")
             candidates = candidates.contiguous()
-        bn = min(_pow2(n, 2), 8)
+        bn = min(pow2(n, 2), 8)
         _scores_kernel[(rows, triton.cdiv(n, bn))](
             s.x, s.r_blank, s.r_any, s.start, s.last, self.psi if candidates is None else candidates, self.psi,
             t, s.blank, s.eos, s.FLOOR / 2,
-            V=v, N=n, HAS_CAND=candidates is not None, BN=bn, BT=min(_pow2(t, 16), max(TILE // bn, 16)),
-            BV=min(_pow2(v, 2), 64), BF=min(_pow2(n, 2), 16), T_STATIC=t if interpreted() else 0, num_warps=4)
+            V=v, N=n, HAS_CAND=candidates is not None, BN=bn, BT=min(pow2(t, 16), max(TILE // bn, 16)),
+            BV=min(pow2(v, 2), 64), BF=min(pow2(n, 2), 16), T_STATIC=t if interpreted() else 0, num_warps=4)
         return self.psi
 
     def advance(self, index: Tensor, labels: Tensor, psi: Tensor) -> None:

@@ -1,12 +1,13 @@
-"""One decoding step of a whole pre-norm Transformer decoder stack in one Triton kernel.
+"""One decoding step of a whole pre-norm Transformer decoder stack in a few Triton kernels.
 
 :meth:`mmgen.blocks.TransformerStack.step` in PyTorch is a few dozen tiny kernels per layer (layer norms, a dozen
 matrix-vector products, the attention's scores, softmax and sums, residual adds): in a CUDA graph each costs a
 couple of microseconds whatever its size, so a 4-layer step costs ~100 launches' worth of time for a few hundred
-thousand multiply-adds. Here one program per decoding row runs every layer: self-attention over its cache,
-cross-attention over its utterance's memory, the feed-forward, and the final layer norm, reading the weights (a few
-megabytes, resident in L2) once per row. Hand-written because no maintained library fuses a whole decoder step with a
-beam's cache; the PyTorch step is the reference, and tests compare the two (under Triton's interpreter on a CPU).
+thousand multiply-adds. Here each layer is three kernels (self-attention by row and head, cross-attention by row and
+head, the feed-forward by row and block of its hidden layer), plus one for the final layer norm; each head or block
+projects its own share of the output, and the next kernel sums those partial rows. Hand-written because no maintained
+library fuses a whole decoder step with a beam's cache; the PyTorch step is the reference, and tests compare the two
+(under Triton's interpreter on a CPU).
 
 Beams move without copying keys: the keys and values written at position ``p`` by row ``r`` stay in row ``r``'s slot
 of the cache, and ``lineage[p, i]`` says which row's slot holds hypothesis ``i``'s entry for position ``p``. A beam
@@ -23,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmgen.kernels import interpreted
+from mmgen.kernels import interpreted, pow2
 
 import triton
 import triton.language as tl
@@ -53,11 +54,16 @@ def _rows_times(w_ptr, first, count, h, od, md, on, D: tl.constexpr):
 
 
 @triton.jit
+def _cols_tile(w_ptr, first, count, od, md, on, WIDTH: tl.constexpr):
+    """W[:, first:first + count] of a row-major W of width WIDTH, as a (BD, BN) tile (loaded early, used late)."""
+    return tl.load(w_ptr + od[:, None] * WIDTH + (first + on)[None, :], mask=md[:, None] & (on < count)[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _cols_times(w_ptr, first, count, v, od, md, on, WIDTH: tl.constexpr):
     """W[:, first:first + count] @ v for a row-major W of D rows and width WIDTH: (BD,)."""
-    mn = on < count
-    w = tl.load(w_ptr + od[:, None] * WIDTH + (first + on)[None, :], mask=md[:, None] & mn[None, :], other=0.0)
-    return tl.sum(w * v[None, :], 1)
+    return tl.sum(_cols_tile(w_ptr, first, count, od, md, on, WIDTH) * v[None, :], 1)
 
 
 @triton.jit
@@ -66,18 +72,6 @@ def _bias(b_ptr, first, offs, mask, HAS_BIAS: tl.constexpr):
         return tl.load(b_ptr + first + offs, mask=mask, other=0.0)
     else:
         return tl.zeros(offs.shape, tl.float32)
-
-
-@triton.jit
-def _residual(base_ptr, parts_ptr, pbias_ptr, row, od, md, NPARTS: tl.constexpr, ROWS: tl.constexpr,
-              D: tl.constexpr, HAS_PBIAS: tl.constexpr):
-    """The residual stream of ``row``: a base plus the feed-forward's partial outputs (and their bias)."""
-    x = tl.load(base_ptr + row * D + od, mask=md, other=0.0).to(tl.float32)
-    for i in tl.static_range(NPARTS):
-        x += tl.load(parts_ptr + (i * ROWS + row) * D + od, mask=md, other=0.0)
-    if HAS_PBIAS:
-        x += tl.load(pbias_ptr + od, mask=md, other=0.0)
-    return x
 
 
 @triton.jit
@@ -90,10 +84,23 @@ def _sum_parts(parts_ptr, row, od, md, N: tl.constexpr, ROWS: tl.constexpr, D: t
 
 
 @triton.jit
-def _cols_tile(w_ptr, first, count, od, md, on, WIDTH: tl.constexpr):
-    """W[:, first:first + count] of a row-major W of width WIDTH, as a (BD, BN) tile (loaded early, used late)."""
-    return tl.load(w_ptr + od[:, None] * WIDTH + (first + on)[None, :], mask=md[:, None] & (on < count)[None, :],
-                   other=0.0)
+def _residual(base_ptr, parts_ptr, pbias_ptr, row, od, md, NPARTS: tl.constexpr, ROWS: tl.constexpr,
+              D: tl.constexpr, HAS_PBIAS: tl.constexpr):
+    """The residual stream of ``row``: a base plus the feed-forward's partial outputs (and their bias)."""
+    x = tl.load(base_ptr + row * D + od, mask=md, other=0.0).to(tl.float32)
+    x += _sum_parts(parts_ptr, row, od, md, NPARTS, ROWS, D) + _bias(pbias_ptr, 0, od, md, HAS_PBIAS)
+    return x
+
+
+@triton.jit
+def _attend_block(q, kt, vt, valid, m, s_sum, acc):
+    """One block of keys (n, e) and values (n, e), ``valid`` (n,), folded into an online softmax: the running
+    maximum ``m``, sum ``s_sum`` and weighted values ``acc`` (e,)."""
+    s = tl.where(valid, tl.sum(kt * q[None, :], 1), float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 0))
+    alpha = tl.exp(m - m_new)
+    pr = tl.exp(s - m_new)
+    return m_new, s_sum * alpha + tl.sum(pr, 0), acc * alpha + tl.sum(pr[:, None] * vt, 0)
 
 
 @triton.jit
@@ -143,13 +150,7 @@ def _self_attention_kernel(
             mk = mp[:, None] & me[None, :]
             kt = tl.load(k_base + at, mask=mk, other=0.0).to(tl.float32)
             vt = tl.load(v_base + at, mask=mk, other=0.0).to(tl.float32)
-            s = tl.where(mp, tl.sum(kt * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp(m - m_new)
-            pr = tl.exp(s - m_new)
-            s_sum = s_sum * alpha + tl.sum(pr, 0)
-            acc = acc * alpha + tl.sum(pr[:, None] * vt, 0)
-            m = m_new
+            m, s_sum, acc = _attend_block(q, kt, vt, mp, m, s_sum, acc)
     tl.store(attn_ptr + (hd * ROWS + row) * D + od, tl.sum(w_out * (acc / s_sum)[None, :], 1), mask=md)
 
 
@@ -193,13 +194,7 @@ def _cross_attention_kernel(
             mk = mt[:, None] & me[None, :]
             kt = tl.load(mk_base + at, mask=mk, other=0.0).to(tl.float32)
             vt = tl.load(mv_base + at, mask=mk, other=0.0).to(tl.float32)
-            s = tl.where(mt, tl.sum(kt * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp(m - m_new)
-            pr = tl.exp(s - m_new)
-            s_sum = s_sum * alpha + tl.sum(pr, 0)
-            acc = acc * alpha + tl.sum(pr[:, None] * vt, 0)
-            m = m_new
+            m, s_sum, acc = _attend_block(q, kt, vt, mt, m, s_sum, acc)
         # An utterance with no real frame gets a zero attention output, as in MultiHeadAttention.
         out = tl.where(s_sum > 0, acc / tl.maximum(s_sum, 1e-30), 0.0)
         tl.store(cross_ptr + (hd * ROWS + row) * D + od, tl.sum(w_out * out[None, :], 1), mask=md)
@@ -208,17 +203,14 @@ def _cross_attention_kernel(
 @triton.jit
 def _feed_forward_kernel(
         xb_ptr, cross_ptr, base_ptr, parts_ptr, co_b, ln_w, ln_b, fc_w, fc_b, pr_w, eps,
-        ROWS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, E: tl.constexpr, F: tl.constexpr,
-        BD: tl.constexpr, BE: tl.constexpr, BF: tl.constexpr, HAS_BIAS: tl.constexpr, CROSS: tl.constexpr,
-        ACT: tl.constexpr):
+        ROWS: tl.constexpr, D: tl.constexpr, H: tl.constexpr, F: tl.constexpr, BD: tl.constexpr,
+        BF: tl.constexpr, HAS_BIAS: tl.constexpr, CROSS: tl.constexpr, ACT: tl.constexpr):
     """Program (row, block of the hidden layer): the residual after cross-attention (stored once as the next layer's
     base), the layer norm, and this block's share of the feed-forward, a partial output."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     od = tl.arange(0, BD)
     md = od < D
-    oe = tl.arange(0, BE)
-    me = oe < E
     of = tl.arange(0, BF)
     x = tl.load(xb_ptr + row * D + od, mask=md, other=0.0)
     if CROSS:
@@ -326,8 +318,8 @@ class FusedStepCache:
         dev = ref.device
         self.kv = torch.zeros(self.layers, 2, rows, self.heads, max_len, self.e, device=dev, dtype=dtype)
         self.lineage = torch.zeros(max_len, rows, dtype=torch.int32, device=dev)
-        # Between the kernels: the layer input, the self-attention's heads, the input plus their projection, the
-        # cross-attention's heads, the next layer's base and the feed-forward's partial outputs.
+        # Between the kernels: the layer input, the residual after self-attention, the next layer's base; the heads'
+        # partial output projections of both attentions, and the feed-forward blocks' partial outputs.
         self.block_ff = 64
         self.parts = triton.cdiv(self.ff, self.block_ff)
         buf = lambda *shape: torch.zeros(*shape, self.d, device=dev)  # noqa: E731
@@ -343,10 +335,6 @@ class FusedStepCache:
     def reorder(self, index: Tensor, length: int | None = None) -> None:
         """Row ``i`` becomes old row ``index[i]``: only the lineage table moves, never the keys."""
         self.lineage.copy_(self.lineage.index_select(1, index))
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
 
 
 def fused_decoder_step(x: Tensor, position: Tensor, cache: FusedStepCache) -> Tensor:
@@ -367,7 +355,7 @@ def fused_decoder_step(x: Tensor, position: Tensor, cache: FusedStepCache) -> Te
 
     mem = c.memory if c.memory is not None else dummy
     mem_mask = c.memory_mask if c.memory_mask is not None else c.lineage
-    bd, be = _pow2(d), _pow2(c.e)
+    bd, be = pow2(d, 16), pow2(c.e, 16)
     scale = 1.0 / math.sqrt(c.e)
     t_static = c.mem_len if interpreted() else 0  # Triton's interpreter cannot loop to a runtime bound
     base = x.contiguous()
@@ -377,17 +365,17 @@ def fused_decoder_step(x: Tensor, position: Tensor, cache: FusedStepCache) -> Te
             base, c.partial, g("pr_b", i - 1) if i else dummy, c.xa, c.attn, position, c.kv[i], c.lineage,
             g("ln1_w", i), g("ln1_b", i), g("qkv_w", i), g("qkv_b", i), g("o_w", i), c.eps, scale,
             NPARTS=c.parts if i else 0, HAS_PBIAS=bool(i) and c.has_bias, ROWS=rows, D=d, H=c.heads, E=c.e,
-            L=c.max_len, BD=bd, BE=be, BL=min(128, _pow2(c.max_len)), HAS_BIAS=c.has_bias, num_warps=8)
+            L=c.max_len, BD=bd, BE=be, BL=min(128, pow2(c.max_len, 16)), HAS_BIAS=c.has_bias, num_warps=8)
         _cross_attention_kernel[(rows, c.heads)](
             c.xa, c.attn, c.xb, c.cross_heads, mem[i] if c.cross else dummy, mem_mask, c.mem_len,
             g("o_b", i), g("lnc_w", i), g("lnc_b", i), g("cq_w", i), g("cq_b", i), g("co_w", i), c.eps, scale,
-            ROWS=rows, GROUP=c.group, D=d, H=c.heads, E=c.e, BD=bd, BE=be, BT=min(128, _pow2(c.mem_len)),
+            ROWS=rows, GROUP=c.group, D=d, H=c.heads, E=c.e, BD=bd, BE=be, BT=min(128, pow2(c.mem_len, 16)),
             HAS_BIAS=c.has_bias, HAS_MASK=c.memory_mask is not None, CROSS=c.cross, T_STATIC=t_static, num_warps=8)
         _feed_forward_kernel[(rows, c.parts)](
             c.xb, c.cross_heads, c.base, c.partial, g("co_b", i), g("ln2_w", i), g("ln2_b", i),
             g("fc_w", i), g("fc_b", i), g("pr_w", i), c.eps,
-            ROWS=rows, D=d, H=c.heads, E=c.e, F=c.ff, BD=bd, BE=be, BF=c.block_ff, HAS_BIAS=c.has_bias,
-            CROSS=c.cross, ACT=c.act, num_warps=8)
+            ROWS=rows, D=d, H=c.heads, F=c.ff, BD=bd, BF=c.block_ff, HAS_BIAS=c.has_bias, CROSS=c.cross, ACT=c.act,
+            num_warps=8)
         base = c.base
     _final_norm_kernel[(rows,)](
         c.base, c.partial, g("pr_b", c.layers - 1), out, g("lnf_w"), g("lnf_b"), c.eps, NPARTS=c.parts,

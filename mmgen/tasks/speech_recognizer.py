@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from mmgen import checkpoint as ckpt_io
-from mmgen.beam_search import BeamSearch
+from mmgen.beam_search import BeamSearch, lexicon_trie
 from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
@@ -192,10 +192,8 @@ class SpeechRecognizer(L.LightningModule):
             self.hparams.lexicon = dm.training_words()
 
     def _lexicon_trie(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """The lexicon as a character trie: ``allowed`` (nodes, v) says which ids may follow each node, ``step``
-        (nodes, v) gives the node an id leads to. Node 0 is a word's start; a space (after a whole word) leads back
-        to it, and ``<eos>`` may follow a whole word. Written here: torchaudio's lexicon decoder is CTC-only and
-        needs flashlight-text."""
+        """The lexicon as a character trie (:func:`~mmgen.beam_search.lexicon_trie`, spelled with the target's ids;
+        a space after a whole word starts the next one), or None without a lexicon."""
         words = self.hparams.lexicon
         if not words:
             return None
@@ -206,8 +204,6 @@ class SpeechRecognizer(L.LightningModule):
         if key not in self._tries:
             spec = self.target.spec
             v = spec.vocab_size
-            children: list[dict[int, int]] = [{}]
-            whole = [False]
 
             def spellable(text: str) -> bool:
                 try:
@@ -219,25 +215,9 @@ class SpeechRecognizer(L.LightningModule):
                 if not word or not spellable(word):
                     raise ValueError(f"lexicon word {word!r} cannot be spelled with the model's vocabulary of "
                                      f"{v} ids; accepted: words made of the transcripts' characters")
-                node = 0
-                for i in self.target.encode(word).tolist():
-                    if i not in children[node]:
-                        children[node][i] = len(children)
-                        children.append({})
-                        whole.append(False)
-                    node = children[node][i]
-                whole[node] = True
-            space = self.target.encode(" ").tolist() if spellable(" ") else []
-            allowed = torch.zeros(len(children), v, dtype=torch.bool)
-            step = torch.zeros(len(children), v, dtype=torch.long)
-            for node, kids in enumerate(children):
-                for i, child in kids.items():
-                    allowed[node, i], step[node, i] = True, child
-                if whole[node] and node != 0:
-                    allowed[node, spec.eos_id] = True
-                    if space:
-                        allowed[node, space[0]] = True  # step: back to node 0
-            self._tries[key] = (allowed.to(device), step.to(device))
+            space = self.target.encode(" ").tolist()[0] if spellable(" ") else None
+            self._tries[key] = lexicon_trie([self.target.encode(w).tolist() for w in words], v, spec.eos_id, space,
+                                            device)
         return self._tries[key]
 
     def on_fit_start(self) -> None:
