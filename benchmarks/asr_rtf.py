@@ -10,7 +10,9 @@ search, attention beam search rescored with CTC, or joint CTC/attention beam sea
 comparison; with random weights the attention decoder never says <eos>, so its output is held to
 ``--chars-per-second`` characters per second of audio (15: read English speech, e.g. LibriSpeech, averages about
 that), the length a real transcript of the clip would have. With ``--ckpt`` the same decoders are also timed on real
-recordings with a trained model, whose transcripts end where the model says.
+recordings with a trained model, whose transcripts end where the model says. On a GPU the recogniser replays its
+encoder as a CUDA graph per (batch, length bucket) (``SpeechRecognizer.graph_encoding``): the first call of a new
+shape captures it and is reported apart (``ctc_greedy_first_call_rtf``), as is greedy CTC with the eager encoder.
 """
 
 from __future__ import annotations
@@ -105,8 +107,17 @@ def main() -> None:
                     model.recognize(feats, decoding)
 
                 model.hparams.max_target_length = row["output_chars"] = round(a.chars_per_second * seconds)
+                if device == "cuda":  # a new shape: the encoder's CUDA graph is captured in this call
+                    start = time.perf_counter()
+                    recognise("ctc_greedy")
+                    torch.cuda.synchronize()
+                    row["ctc_greedy_first_call_rtf"] = (time.perf_counter() - start) / audio
                 for decoding in DECODINGS:
                     row[f"{decoding}_rtf"] = timed(lambda: recognise(decoding), a.repeats) / audio
+                if device == "cuda":  # the same without the encoder's graphs
+                    model.graph_encoding = False
+                    row["ctc_greedy_eager_encoder_rtf"] = timed(lambda: recognise("ctc_greedy"), a.repeats) / audio
+                    model.graph_encoding = True
                 row["greedy_vs_reference"] = row["ctc_greedy_rtf"] / row["reference_rtf"]
                 for decoding in DECODINGS[1:]:
                     row[f"{decoding}_vs_reference"] = row[f"{decoding}_rtf"] / row["reference_rtf"]

@@ -24,6 +24,7 @@ from mmgen import checkpoint as ckpt_io
 from mmgen.beam_search import BeamSearch, lexicon_trie
 from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
+from mmgen.graphs import PaddedGraphs, capturing
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
@@ -65,7 +66,7 @@ class ASRNet(nn.Module):
         """features (b, frames, f), mask (b, frames) -> memory (b, t, d), memory mask (b, t)."""
         x, mask = self.frontend(features, mask)
         x = x * math.sqrt(self.d_model) + sinusoidal_positions(x.shape[1], self.d_model, device=x.device).to(x.dtype)
-        padded = not bool(mask.all())  # without padding, attention takes SDPA's unmasked path
+        padded = capturing(x) or not bool(mask.all())  # without padding, attention takes SDPA's unmasked path
         return self.encoder(self.drop(x), key_padding_mask=mask if padded else None), mask
 
     def decode(self, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
@@ -148,6 +149,9 @@ class SpeechRecognizer(L.LightningModule):
         self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
         self._decoders: dict[tuple, object] = {}  # built on first use
         self.graph_decoding = True  # attention searches on a GPU replay each step as a CUDA graph
+        # recognize() on a GPU replays the encoder and CTC head as CUDA graphs, one per (batch, length bucket)
+        self.graph_encoding = True
+        self._encoder_graphs: PaddedGraphs | None = None  # built on first use
         # and run it as Triton kernels (mmgen.kernels): the decoder step (float32 weights, no autocast), the CTC prefix
         # scores and the search's bookkeeping; False runs the PyTorch reference code
         self.fused_decoding = True
@@ -331,12 +335,28 @@ class SpeechRecognizer(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            memory, mask = self.net.encode(features.values.to(self.device), features.mask.to(self.device))
-            log_probs = self.net.ctc_head(memory).float().log_softmax(dim=-1)
+            memory, mask, log_probs = self._encode_for_decoding(features.values.to(self.device),
+                                                                features.mask.to(self.device))
             ids = self._decode(memory, mask, log_probs, decoding, beam_size)
         finally:
             self.net.train(was_training)
         return [self.target.decode(row) for row in ids]
+
+    def _encode_for_decoding(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Feature frames (b, frames, f) and their mask -> memory (b, t, d), its mask and CTC log-probabilities
+        (b, t, v) in float32, in eval mode. On a GPU with ``graph_encoding`` a CUDA graph replay
+        (:class:`~mmgen.graphs.PaddedGraphs`; the outputs are then overwritten by the next call)."""
+        if not (self.graph_encoding and features.is_cuda):
+            return self._encode_eager(features, mask)
+        if self._encoder_graphs is None:
+            self._encoder_graphs = PaddedGraphs(self.net, self._encode_eager)
+        memory, mask, log_probs = self._encoder_graphs(features, mask)
+        t = int(self.source.output_lengths(torch.tensor([features.shape[1]]))[0])  # the frames without the graph
+        return memory[:, :t], mask[:, :t], log_probs[:, :t]
+
+    def _encode_eager(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        memory, mask = self.net.encode(features, mask)
+        return memory, mask, self.net.ctc_head(memory).float().log_softmax(dim=-1)
 
     def _decode(self, memory: Tensor, mask: Tensor, log_probs: Tensor, decoding: Decoding,
                 beam_size: int) -> list[list[int]]:

@@ -20,6 +20,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from mmgen.graphs import capturing
 from mmgen.hookspecs import hookimpl
 from mmgen.modality import AudioFileError, AudioModality, AudioSpec
 
@@ -295,7 +296,7 @@ class ConvSubsampling(nn.Module):
         if self.augment is not None and self.training:
             x = self.augment(x)
         lengths = mask.sum(dim=1)
-        padded = not bool(mask.all())  # without padding there is nothing to zero
+        padded = capturing(x) or not bool(mask.all())  # without padding there is nothing to zero
         if padded:
             x = x * mask[..., None]
         x = torch.relu(self.conv1(x[:, None]))  # shape: (b, c, t/2, f/2)

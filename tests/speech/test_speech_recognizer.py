@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import mmgen
 from mmgen.beam_search import BeamSearch
@@ -225,22 +226,66 @@ def test_attention_searches_run_under_bf16_autocast(trained) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
                     "(docs/benchmarks.md)")
-@torch.inference_mode()
 def test_cuda_graph_search_equals_eager_search_and_the_cpu(trained, fsdd_items) -> None:
     model, _, _ = trained
     files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
-    feats = model.source.collate([model.source.encode(f) for f in files])
-    cpu = every_nbest(model, feats)
+    with torch.inference_mode():
+        feats = model.source.collate([model.source.encode(f) for f in files])
+        cpu = every_nbest(model, feats)
     cpu_text = {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")}
-    model.cuda()
+    model.cuda()  # outside inference mode: moved there, the parameters would become inference tensors for good
     try:
-        graphed = every_nbest(model, feats, graph=True)
-        assert_same_nbest(graphed, every_nbest(model, feats, graph=False))
-        assert_same_nbest(graphed, cpu)
+        with torch.inference_mode():
+            graphed = every_nbest(model, feats, graph=True)
+            assert_same_nbest(graphed, every_nbest(model, feats, graph=False))
+            assert_same_nbest(graphed, cpu)
         assert {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")} == cpu_text
         with torch.autocast("cuda", dtype=torch.bfloat16):  # a bf16-mixed run's validation, captured as well
             assert {d: model.transcribe(files, decoding=d) for d in ("attention", "joint")} == cpu_text
     finally:
+        model.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+def test_encoder_graphs_equal_the_eager_encoder(trained, fsdd_items) -> None:
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
+    feats = [model.source.encode(f) for f in files]
+    eager_text = {d: model.transcribe(files, decoding=d) for d in ("ctc_greedy", "joint")}
+    model._encoder_graphs = None  # other tests' graphs: count this test's captures from zero
+    model.cuda()
+    try:
+        batch = model.source.collate(feats)
+        values, mask = batch.values.cuda(), batch.mask.cuda()
+
+        def encode(graph: bool, v: Tensor = values, m: Tensor = mask) -> list[Tensor]:
+            model.graph_encoding = graph
+            with torch.inference_mode():
+                return [t.clone() for t in model._encode_for_decoding(v, m)]
+
+        def assert_same(graphed: list[Tensor], eager: list[Tensor]) -> None:
+            assert [t.shape for t in graphed] == [t.shape for t in eager]
+            assert torch.equal(graphed[1], eager[1])  # the masks
+            torch.testing.assert_close(graphed[0], eager[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(graphed[2], eager[2], atol=1e-4, rtol=1e-4)
+
+        eager = encode(False)
+        assert_same(encode(True), eager)
+        assert_same(encode(True), eager)  # replayed, not captured again
+        assert model._encoder_graphs.captures == 1
+        n = int(mask[0].sum())
+        assert_same(encode(True, values[:1, :n], mask[:1, :n]), encode(False, values[:1, :n], mask[:1, :n]))
+        assert model._encoder_graphs.captures == 2  # a new (batch, length bucket)
+        held = [p.data for p in model.parameters()]  # so that the weights cannot come back to the same addresses
+        model.cpu()
+        model.cuda()  # the weights moved: the graphs are captured again
+        del held
+        assert_same(encode(True), eager)
+        assert model._encoder_graphs.captures == 3
+        assert {d: model.transcribe(files, decoding=d) for d in eager_text} == eager_text
+    finally:
+        model.graph_encoding = True
         model.cpu()
 
 
