@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import soundfile as sf
 import torch
@@ -26,11 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmgen.ctc import min_ctc_frames
 from mmgen.data.augment import WaveAugment
 from mmgen.data.paths import DataFileError, resolve
+from mmgen.data.rng import rng_state, set_rng_state
 from mmgen.modality import AudioFileError, AudioModality, Modality, TextModality, VocabularyError
 
-__all__ = ["DurationBatchSampler", "FSDDDataModule", "ManifestDataModule", "ManifestError", "SpeechDataModule",
-           "Utterance", "WaveAugment", "connected_digits", "fsdd_splits", "fsdd_utterances", "read_manifest",
-           "write_manifest"]
+__all__ = ["DurationBatchSampler", "FSDDDataModule", "ManifestDataModule", "ManifestError", "ResumableLoader",
+           "SpeechDataModule", "Utterance", "WaveAugment", "connected_digits", "fsdd_splits", "fsdd_utterances",
+           "read_manifest", "write_manifest"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -170,30 +172,49 @@ def connected_digits(items: Sequence[Utterance], count: int, lengths: tuple[int,
 
 
 # ---- batching ----
+JITTER_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0)  # of the +-10 % length jitter, tried in turn (see _batches)
+
+
 class DurationBatchSampler(Sampler[list[int]]):
     """Batches of utterances of similar duration, each at most ``max_seconds`` of padded audio (and at most
     ``max_batch_size`` utterances). With ``shuffle``, lengths are jittered by +-10 % before sorting and the batch
-    order is drawn from ``(seed, epoch)``; each rank takes every ``world``-th batch (all ranks the same number)."""
+    order is drawn from ``(seed, epoch)``, and every epoch has as many batches as the first; each rank takes every
+    ``world``-th batch (all ranks the same number). With ``keyed``, a batch lists ``(epoch, index)`` pairs instead
+    of indices, so the data set can draw an utterance's augmentation from ``(seed, epoch, index)`` in whichever
+    loader worker fetches it.
+
+    Resuming (:class:`ResumableLoader`): :meth:`resume` makes the next pass of a checkpoint's epoch start at the first
+    batch it had not trained on; ``len`` stays the whole epoch (Lightning counts the batches done itself)."""
 
     def __init__(self, durations: Sequence[float], max_seconds: float, *, shuffle: bool = False, seed: int = 0,
-                 max_batch_size: int | None = None, rank: int = 0, world: int = 1) -> None:
+                 max_batch_size: int | None = None, rank: int = 0, world: int = 1, keyed: bool = False) -> None:
         self.durations = np.asarray(durations, dtype=np.float64)
         if len(self.durations) and self.durations.max() > max_seconds:
             raise ValueError(f"an utterance of {self.durations.max():.1f} s exceeds max_batch_seconds={max_seconds}; "
                              "raise it")
         self.max_seconds, self.shuffle, self.seed = max_seconds, shuffle, seed
-        self.max_batch_size, self.rank, self.world = max_batch_size, rank, world
+        self.max_batch_size, self.rank, self.world, self.keyed = max_batch_size, rank, world, keyed
         self.epoch = 0
         # Lightning calls set_epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`, not on a batch
         # sampler itself: this attribute is how each epoch reaches us.
         self.sampler = _EpochSetter(self)
+        self._count: int | None = None  # batches per epoch, before sharding
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._align = False  # the next set_epoch names the checkpoint's epoch
+        self._offset = 0  # Lightning's epoch number minus ours
+        self.pass_epoch, self.pass_start = 0, 0  # the epoch of the latest pass and the batch it begins at
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        # After a resume, Lightning's first set_epoch is for the checkpoint's epoch, whatever number it gives it: in
+        # a checkpoint written when training ended (at `max_steps`, mid-epoch or not) Lightning has already counted
+        # that epoch as done, so it numbers the rest of it, and every later epoch, one higher. Ours stay the numbers
+        # of the run trained straight through.
+        if self._align:
+            self._offset, self._align = epoch - self.epoch, False
+        self.epoch = epoch - self._offset
 
-    def _batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        keys = self.durations * (rng.uniform(0.9, 1.1, len(self.durations)) if self.shuffle else 1.0)
+    def _pack(self, keys: np.ndarray) -> list[list[int]]:
+        """Utterances in the order of ``keys``, cut into batches greedily within the budget."""
         batches, current, longest = [], [], 0.0
         for i in np.argsort(keys, kind="stable").tolist():
             d = self.durations[i]
@@ -205,16 +226,66 @@ class DurationBatchSampler(Sampler[list[int]]):
             longest = max(longest, d)
         if current:
             batches.append(current)
-        if self.shuffle:
+        return batches
+
+    def _batches_per_epoch(self) -> int:
+        # Lightning reads a loader's length once and ends every epoch at that many batches, and a resumed run reads
+        # it in the resumed epoch: a length that changed from epoch to epoch would drop batches, and differently
+        # after a resume. Every epoch has the first epoch's count (or the unjittered one, if larger: always reachable).
+        if self._count is None:
+            jitter = np.random.default_rng([self.seed, 0]).uniform(0.9, 1.1, len(self.durations))
+            self._count = max(len(self._pack(self.durations * jitter)), len(self._pack(self.durations)))
+        return self._count
+
+    def _batches(self) -> list[list[int]]:
+        if not self.shuffle:
+            batches = self._pack(self.durations)
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            jitter = rng.uniform(0.9, 1.1, len(self.durations))
+            count = self._batches_per_epoch()
+            # The jitter packs a little worse or better from epoch to epoch: with fewer batches than `count`, the
+            # fullest are halved; with more, the jitter is narrowed until they fit (unjittered, they always do).
+            for scale in JITTER_SCALES:
+                batches = self._pack(self.durations * (1 + (jitter - 1) * scale))
+                if len(batches) <= count:
+                    break
+            while len(batches) < count:
+                j = max(range(len(batches)), key=lambda k: len(batches[k]))
+                half = len(batches[j]) // 2
+                batches[j:j + 1] = [batches[j][:half], batches[j][half:]]
             batches = [batches[j] for j in rng.permutation(len(batches))]
         per_rank = len(batches) // self.world if self.world > 1 else len(batches)
         return batches[self.rank::self.world][:per_rank]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+    def begin_pass(self) -> None:
+        """A new pass over the current epoch begins (a loader's iteration; the batch sampler itself may be iterated
+        more than once per pass: a loader with workers does). It starts where a checkpoint of this epoch left off."""
+        start = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            start = done if epoch == self.epoch else 0  # (a later epoch starts at its first batch)
+        self.pass_epoch, self.pass_start = self.epoch, start
+
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
+        batches = self._batches()
+        start = self.pass_start if self.pass_epoch == self.epoch else 0
+        if self.keyed:
+            return iter([[(self.epoch, i) for i in b] for b in batches[start:]])
+        return iter(batches[start:])
 
     def __len__(self) -> int:
+        if self.shuffle:
+            count = self._batches_per_epoch()
+            return count // self.world if self.world > 1 else count
         return len(self._batches())
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue a checkpoint's pass: the next pass of ``epoch`` starts at batch ``batches``, and the next
+        :meth:`set_epoch` names ``epoch``."""
+        self.epoch, self._resume, self._align = epoch, (epoch, batches), True
+        self.pass_epoch, self.pass_start = epoch, batches
 
 
 class _EpochSetter:
@@ -227,12 +298,50 @@ class _EpochSetter:
         self.owner.set_epoch(epoch)
 
 
+class ResumableLoader(DataLoader):
+    """A training loader that Lightning checkpoints and resumes mid-epoch.
+
+    Lightning saves ``state_dict()`` of every training loader that has one (its ``_Stateful`` protocol) in the fit
+    loop's checkpoint state and hands it back to ``load_state_dict`` before it iterates again; a plain
+    ``DataLoader`` has none, so a resumed run restarted the interrupted epoch from its first batch. The state is the
+    epoch and the batches of it this loader has yielded: counted here, at the consumer's side, not in the batch
+    sampler, whose indices the loader workers prefetch ahead of training (Lightning itself prefetches nothing from
+    a loader with a length). Iteration is deferred to the first batch, so that a resumed pass is built after
+    Lightning's ``set_epoch``: a ``DataLoader`` with workers draws its first batches of indices as soon as it is
+    iterated, and Lightning iterates a resumed loader before it sets the epoch."""
+
+    batch_sampler: DurationBatchSampler
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counting()
+
+    def _counting(self) -> Iterator[Any]:
+        self._yielded = 0
+        self.batch_sampler.begin_pass()
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        s = self.batch_sampler
+        return {"epoch": int(s.pass_epoch), "batches": int(s.pass_start + getattr(self, "_yielded", 0))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume(int(state["epoch"]), int(state["batches"]))
+        self._yielded = 0
+
+
 class UtteranceDataset(Dataset):
     """Utterance -> (features, label ids, transcript). With ``cache``, waveforms (per file) and features are kept in
     memory after their first use; with ``speeds`` (training only), each fetch plays the utterance at a speed drawn
     from that list (Kaldi-style speed perturbation: resampled, so tempo and pitch change together), then, with
     ``augment`` (training only), through a random :class:`WaveAugment`; either way its features are recomputed at
-    every fetch (only the waveforms are cached). The random draws come from ``seed`` (and a loader worker's id)."""
+    every fetch (only the waveforms are cached).
+
+    Items are fetched by index, or by ``(epoch, index)`` (what a ``keyed`` :class:`DurationBatchSampler` yields):
+    the random draws of such a fetch come from ``(seed, epoch, index)`` alone, so they are the same in any loader
+    worker and after a resume. A fetch by index draws from the data set's own generator, seeded by ``seed`` (and,
+    in a loader worker, its id)."""
 
     def __init__(self, items: Sequence[Utterance], source: AudioModality, target: TextModality, gap: float,
                  cache: bool, skip_bad: bool, speeds: Sequence[float] | None = None, seed: int = 0,
@@ -276,19 +385,26 @@ class UtteranceDataset(Dataset):
             self.rng, self._rng_worker = np.random.default_rng([self.seed, info.id]), info.id
         return self.rng
 
-    def features(self, i: int) -> Tensor:
+    def draws(self, epoch: int, i: int) -> np.random.Generator:
+        """The generator of utterance ``i``'s speed and augmentation in ``epoch``."""
+        return np.random.default_rng([self.seed, epoch, i])
+
+    def features(self, i: int, rng: np.random.Generator | None = None) -> Tensor:
+        """Utterance ``i``'s features; its random draws (if any) from ``rng``, by default the data set's own."""
         if i in self._features:
             return self._features[i]
         u = self.items[i]
         try:
             wave = self.waveform(i)
             rate = self.source.spec.sample_rate
+            if self.perturbed and rng is None:
+                rng = self._draws()
             if self.speeds:
-                speed = float(self._draws().choice(self.speeds))
+                speed = float(rng.choice(self.speeds))
                 if speed != 1.0:
                     wave = torchaudio.functional.resample(wave, round(rate * speed), rate)
             if self.augment is not None:
-                wave = self.augment(wave, rate, self._draws())
+                wave = self.augment(wave, rate, rng)
             feats = self.source.features(wave)
         except AudioFileError as exc:
             raise AudioFileError(f"{u.where}: {exc}" if u.where and u.where not in str(exc) else str(exc)) from None
@@ -296,9 +412,14 @@ class UtteranceDataset(Dataset):
             self._features[i] = feats
         return feats
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, str] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, str] | None:
+        if isinstance(key, tuple):
+            epoch, i = key
+            rng = self.draws(epoch, i) if self.perturbed else None
+        else:
+            i, rng = key, None
         try:
-            feats = self.features(i)
+            feats = self.features(i, rng)
         except AudioFileError as exc:
             if not self.skip_bad:
                 raise
@@ -420,10 +541,15 @@ class SpeechDataModule(L.LightningDataModule):
         ds = self._datasets[name]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = DurationBatchSampler([u.duration for u in ds.items], self.max_batch_seconds, shuffle=shuffle,
-                                       seed=self.seed, max_batch_size=self.max_batch_size, rank=rank, world=world)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=SpeechCollate(self.source, self.target),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                                       seed=self.seed, max_batch_size=self.max_batch_size, rank=rank, world=world,
+                                       keyed=shuffle)
+        # A DataLoader draws its workers' base seed from `generator` whenever it builds an iterator (with or without
+        # workers): from the global generator by default, which would shift the model's dropout and SpecAugment draws
+        # at every epoch, and differently in a run resumed mid-epoch. Nothing fetched draws from the workers' seeds.
+        return (ResumableLoader if shuffle else DataLoader)(
+            ds, batch_sampler=sampler, collate_fn=SpeechCollate(self.source, self.target),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -433,6 +559,18 @@ class SpeechDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # Lightning saves a data module's state_dict in every checkpoint and restores it before training resumes. The
+    # training loader's position is saved by Lightning itself (ResumableLoader); what is kept here is the global
+    # random state, which the model's dropout, SpecAugment and frequency warp draw from and which Lightning does
+    # not checkpoint: a resumed run then continues their draws where the checkpoint was written.
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if "rng" in state and fitting:  # (evaluating a checkpoint leaves the random state alone)
+            set_rng_state(state["rng"])
 
 
 class ManifestDataModule(SpeechDataModule):

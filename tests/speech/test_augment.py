@@ -164,6 +164,20 @@ def test_loader_workers_draw_differently(fsdd, monkeypatch) -> None:
     assert not torch.allclose(draws[0], draws[1])
 
 
+def test_a_loader_fetch_draws_from_seed_epoch_and_index(fsdd, monkeypatch) -> None:
+    """The training loader fetches ``(epoch, index)``: its draws are the same in any worker and after a resume."""
+    dm = FSDDDataModule(audio(), CharTokenizer(), speakers=["theo"], speed_perturb=[0.9, 1.1],
+                        augment=WaveAugment(noise_prob=1.0))
+    dm.setup("fit")
+    train = dm._datasets["train"]
+    first = train[(2, 0)][0]
+    for worker in (0, 1):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
+        torch.testing.assert_close(train[(2, 0)][0], first, rtol=0, atol=0)
+    assert not any(train[(e, 0)][0].shape == first.shape and torch.allclose(train[(e, 0)][0], first)
+                   for e in (0, 1, 3))  # another epoch, other draws
+
+
 def test_recipe_takes_augment_from_yaml_and_command_line(fsdd, tmp_path: Path) -> None:
     extra = tmp_path / "augment.yaml"
     extra.write_text("data:\n  init_args:\n    augment:\n      class_path: mmgen.data.augment.WaveAugment\n"

@@ -99,6 +99,39 @@ def test_duration_batches_cover_everything_within_the_budget() -> None:
         DurationBatchSampler([1.0, 12.0], 10.0)
 
 
+def test_every_epoch_has_as_many_batches_as_the_first() -> None:
+    """Lightning reads the loader's length once: every epoch must have that many batches, each utterance once, within
+    the budget, though the jittered packing alone gives 41 to 43 batches depending on the epoch."""
+    durations = np.random.default_rng(0).uniform(0.2, 3.0, 200)
+    sampler = DurationBatchSampler(durations, 10.0, shuffle=True, seed=1)
+    count = len(sampler)
+    raw = set()
+    for epoch in range(60):
+        sampler.set_epoch(epoch)
+        jitter = np.random.default_rng([1, epoch]).uniform(0.9, 1.1, 200)
+        raw.add(len(sampler._pack(durations * jitter)))
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == count
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        assert all(max(durations[b]) * len(b) <= 10.0 for b in batches)
+    assert min(raw) < count < max(raw)  # both repairs ran: a batch halved, the jitter narrowed
+
+
+def test_keyed_batches_carry_the_epoch_and_resume_mid_epoch() -> None:
+    durations = np.random.default_rng(0).uniform(0.2, 3.0, 50)
+    sampler = DurationBatchSampler(durations, 10.0, shuffle=True, seed=1, keyed=True)
+    sampler.set_epoch(3)
+    batches = list(sampler)
+    assert {e for b in batches for e, _ in b} == {3}
+    sampler.resume(3, 2)  # a checkpoint two batches into epoch 3; Lightning then names that epoch 4
+    sampler.set_epoch(4)
+    sampler.begin_pass()
+    assert list(sampler) == batches[2:] and len(sampler) == len(batches)
+    sampler.set_epoch(5)  # the next epoch is ours 4, from its first batch
+    sampler.begin_pass()
+    assert sampler.epoch == 4 and {e for b in sampler for e, _ in b} == {4} and len(list(sampler)) == len(batches)
+
+
 def test_transcript_outside_vocabulary(tmp_path: Path, clips) -> None:
     train = lines(tmp_path / "t.jsonl", *(json.dumps({"audio": f"c{i}.wav", "text": "abc"}) for i in range(3)))
     val = lines(tmp_path / "v.jsonl", json.dumps({"audio": "c3.wav", "text": "abz!"}))
