@@ -5,8 +5,10 @@ CTC/attention decoding) and lexicon constraints, the choice of the best continua
 hypotheses and the reorder of the decoder's state. On a GPU one step is captured once as a CUDA graph and replayed,
 so a step costs one graph launch instead of a few hundred kernel launches from Python; on the CPU the same step runs
 eagerly. With ``fused`` (the default on CUDA), the bookkeeping after the decoder's scores is one Triton kernel
-(:mod:`mmgen.kernels.beam_step`) instead of some sixty small ones. Written here: the beam searches of torchaudio are
-CTC-only, and the generic ones (ESPnet, fairseq) keep their bookkeeping in Python, one host round trip per step.
+(:mod:`mmgen.kernels.beam_step`) instead of some sixty small ones, and a joint CTC/attention step's scores one more
+(:class:`mmgen.kernels.ctc_prefix.FusedJointScores`) instead of some twenty. Written here: the beam searches of
+torchaudio are CTC-only, and the generic ones (ESPnet, fairseq) keep their bookkeeping in Python, one host round trip
+per step.
 
 Notation: ``b`` utterances, ``k`` beam, ``rows = b * k`` hypotheses, ``v`` vocabulary, ``L`` positions.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,8 +93,11 @@ class BeamSearch:
         fused: a step's bookkeeping (from the step's scores to the new state: choice of the best continuations,
             finished book, trie nodes, history, flags; with no CTC scorer, the ``log_softmax`` and lexicon penalty
             too) runs as one Triton kernel (:class:`mmgen.kernels.beam_step.BeamSelect`) instead of some sixty small
-            PyTorch ones; default: on CUDA with Triton (:func:`mmgen.kernels.triton_usable`); on the CPU only under
-            Triton's interpreter, as tests run it. Same results; the PyTorch code is the reference (``fused=False``).
+            PyTorch ones; with a fused CTC scorer, the step's joint scores from the logits (log_softmax, penalty,
+            pre-beam, CTC prefix scores, weights) are one more (:class:`mmgen.kernels.ctc_prefix.FusedJointScores`)
+            instead of some twenty; default: on CUDA with Triton (:func:`mmgen.kernels.triton_usable`); on the CPU
+            only under Triton's interpreter, as tests run it. Same results; the PyTorch code is the reference
+            (``fused=False``).
     """
 
     def __init__(self, decoder: StepFn, reorder: ReorderFn, *, batch: int, beam: int, vocab: int, bos: int,
@@ -131,10 +137,15 @@ class BeamSearch:
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.fused = triton_usable(device) if fused is None else fused
+        self._joint = None
         if self.fused:
             from mmgen.kernels.beam_step import BeamSelect  # imports Triton: only when asked for
 
             self._select = BeamSelect(self)
+            if ctc is not None and ctc.fused:
+                from mmgen.kernels.ctc_prefix import FusedJointScores
+
+                self._joint = FusedJointScores(self)
 
     def step(self, length: int | None) -> None:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
@@ -143,20 +154,29 @@ class BeamSearch:
         if self.fused and self.ctc is None:  # one launch from the logits, log_softmax and penalty included
             index, keep_label = self._select(logits, normalise=True)
         else:
-            penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
-            scores = logits.double().log_softmax(dim=-1) + penalty
-            if self.ctc is not None:
-                lam = self.lam
-                candidates = None if lam >= 1 else scores.topk(self.pre_beam, dim=1).indices
-                psi = self.ctc.scores(candidates)
-                live = self.ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
-                gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
-                # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
-                scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
+            # Fused with a fused CTC scorer: one launch from the logits to the joint scores and psi (else PyTorch).
+            scores, psi = self._scores(logits) if self._joint is None else self._joint(logits)
             index, keep_label = self._select(scores, normalise=False) if self.fused else self._bookkeeping(scores)
         self.reorder(index, length)
         if self.ctc is not None:
             self.ctc.advance(index, keep_label, psi)
+
+    def _scores(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The step's scores (rows, v) float64 from the decoder's logits, and with a CTC scorer its psi (rows, v)
+        (else None), in PyTorch (the reference of the fused joint scores,
+        :class:`mmgen.kernels.ctc_prefix.FusedJointScores`)."""
+        penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
+        scores = logits.double().log_softmax(dim=-1) + penalty
+        psi = None
+        if self.ctc is not None:
+            lam = self.lam
+            candidates = None if lam >= 1 else scores.topk(self.pre_beam, dim=1).indices
+            psi = self.ctc.scores(candidates)
+            live = self.ctc.prefix.isfinite()[:, None]  # a dead row (its prefix impossible) stays dead
+            gain = torch.where(live, psi - self.ctc.prefix[:, None], NEG_INF)
+            # Masked labels stay masked whatever the weights (where λ = 1, 0 * -inf would be nan).
+            scores = torch.where(scores > NEG_INF, (1 - lam) * scores + lam * gain, NEG_INF)
+        return scores, psi
 
     def _bookkeeping(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """From the step's scores (rows, v) to the new state, in PyTorch (the fused kernel's reference); returns
@@ -243,19 +263,24 @@ class BeamSearch:
         scores = self.scores.tolist()
         labels, parents = self.history_label[:steps].cpu().numpy(), self.history_parent[:steps].cpu().numpy()
 
-        def trace(row: int, length: int) -> list[int]:
-            """The labels of ``row``'s hypothesis after ``length`` steps."""
-            out = []
-            for step in range(length - 1, -1, -1):
-                out.append(int(labels[step, row]))
-                row = int(parents[step, row])
-            return out[::-1]
-
-        out: list[list[tuple[list[int], float]]] = []
+        # Every hypothesis to report, as (utterance, row at its last step, length, score); then all are traced back
+        # through the back-pointers at once, one vectorised step per position (a Python loop per hypothesis and
+        # position took milliseconds at batch 8).
+        wanted: list[tuple[int, int, int, float]] = []
         for i in range(self.b):
-            hyps = [(trace(fin_row[i][j], fin_length[i][j]), fin_scores[i][j]) for j in range(count[i])]
+            wanted += [(i, fin_row[i][j], fin_length[i][j], fin_scores[i][j]) for j in range(count[i])]
             if not settled[i] and count[i] < self.k:  # hypotheses that never ended compete as they stand
-                hyps += [(trace(i * self.k + j, steps), scores[i][j]) for j in range(self.k)
-                         if math.isfinite(scores[i][j])]
-            out.append(hyps or [([], NEG_INF)])  # no finite score at all (a diverged model): an empty transcript
+                wanted += [(i, i * self.k + j, steps, scores[i][j]) for j in range(self.k)
+                           if math.isfinite(scores[i][j])]
+        row = np.array([w[1] for w in wanted], dtype=np.int64)
+        length = np.array([w[2] for w in wanted], dtype=np.int64)
+        traced = np.zeros((len(wanted), int(length.max(initial=0))), dtype=np.int64)
+        for step in range(traced.shape[1] - 1, -1, -1):
+            on = np.nonzero(length > step)[0]
+            traced[on, step] = labels[step, row[on]]
+            row[on] = parents[step, row[on]]
+        out: list[list[tuple[list[int], float]]] = [[] for _ in range(self.b)]
+        for (i, _, n, score), labels_i in zip(wanted, traced.tolist()):
+            out[i].append((labels_i[:n], score))
+        out = [hyps or [([], NEG_INF)] for hyps in out]  # no finite score at all (a diverged model): empty transcript
         return out

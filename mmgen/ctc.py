@@ -93,7 +93,10 @@ class CTCPrefixScorer:
     With ``fused``, :meth:`scores` is one Triton launch and :meth:`advance` one (two for ``group=1`` beyond 16 rows)
     instead of some seventy small PyTorch kernels (:class:`mmgen.kernels.ctc_prefix.FusedCTCPrefix`), on the same
     state tensors; the scores then come in a buffer owned by the scorer, overwritten by the next :meth:`scores`. The
-    results are the PyTorch code's (the reference, ``fused=False``) up to the order of float64 sums (last bits).
+    results are the PyTorch code's (the reference, ``fused=False``) up to the order of float64 sums (last bits). A
+    fused :class:`~mmgen.beam_search.BeamSearch` over a fused scorer does not call :meth:`scores`: its joint scores
+    come from one launch that includes them (:class:`mmgen.kernels.ctc_prefix.FusedJointScores`, into the same
+    buffer).
 
     Args:
         log_probs: (rows, t, v) CTC log-probabilities.

@@ -45,7 +45,9 @@ class ToyDecoder:
 
 def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos_from: list[float], seed: int = 0,
                 dtype: torch.dtype = torch.float32, trie: bool | tuple = False, ctc_weight: float | None = None,
-                device: torch.device = DEVICE) -> tuple[BeamSearch, ToyDecoder]:
+                ctc_fused: bool | None = None, device: torch.device = DEVICE) -> tuple[BeamSearch, ToyDecoder]:
+    """A search over a ToyDecoder; with ``ctc_weight``, joint with a CTC scorer (fused as the search unless
+    ``ctc_fused`` says otherwise: a fused search with a fused scorer takes its joint scores from one kernel)."""
     decoder = ToyDecoder(b, k, v, eos_from, seed, dtype, device)
     ctc = None
     if ctc_weight is not None:
@@ -54,7 +56,7 @@ def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos
         log_probs = (torch.randn(b, t, v, generator=g) * 3).log_softmax(-1).to(device)
         lengths = torch.tensor([t - i % 3 for i in range(b)], device=device)
         ctc = CTCPrefixScorer(log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k), BLANK, EOS,
-                              group=k)
+                              group=k, fused=fused if ctc_fused is None else ctc_fused)
     if trie is True:
         trie = lexicon_trie(WORDS, v, EOS, SPACE, device)
     search = BeamSearch(decoder, decoder.reorder, batch=b, beam=k, vocab=v, bos=BOS, eos=EOS,
@@ -148,11 +150,114 @@ def test_fused_step_equals_pytorch_step_at_a_dead_end() -> None:
     assert results == [[([], -math.inf)]] * 2
 
 
-@pytest.mark.parametrize("ctc_weight, trie", [(0.3, False), (1.0, False), (0.3, True)])
-def test_fused_step_equals_pytorch_step_with_ctc(ctc_weight: float, trie: bool) -> None:
-    """Joint CTC/attention steps: the scores come from PyTorch, the rest from the kernel."""
-    ref, _ = lockstep(b=3, k=4, v=12, max_len=6, eos_from=[1, 3, math.inf], ctc_weight=ctc_weight, trie=trie)
+@pytest.mark.parametrize("k, ctc_weight, trie", [(4, 0.3, False), (4, 1.0, False), (4, 0.3, True), (1, 0.3, True),
+                                                 (1, 1.0, True)])
+def test_fused_step_equals_pytorch_step_with_ctc(k: int, ctc_weight: float, trie: bool) -> None:
+    """Joint CTC/attention steps: the joint scores from one kernel (FusedJointScores), then the bookkeeping from the
+    other; the CTC scorer's groups of 4 rows (a beam) and of 1."""
+    ref, _ = lockstep(b=3, k=k, v=12, max_len=6, eos_from=[1, 3, math.inf], ctc_weight=ctc_weight, trie=trie)
     assert ref.ctc is not None and int(ref.position) > 0
+
+
+def test_fused_step_with_a_pytorch_ctc_scorer() -> None:
+    """A fused search with the PyTorch CTC scorer: the joint scores from PyTorch, the bookkeeping from the kernel."""
+    fused, _ = make_search(True, b=1, k=2, v=12, max_len=3, eos_from=[1], ctc_weight=0.3, ctc_fused=False)
+    assert fused._joint is None
+    lockstep(b=3, k=4, v=12, max_len=6, eos_from=[1, 3, math.inf], ctc_weight=0.3, trie=True, ctc_fused=False)
+
+
+def use_small_joint_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joint scores with the labels of a row in blocks of 4 (12 labels: 3 blocks; the pre-beam chosen by passes over
+    them, not ranked in one tile) and 2 candidates per program (several programs per row)."""
+    from mmgen.kernels import ctc_prefix
+
+    monkeypatch.setattr(ctc_prefix, "JOINT_LABELS", 4)
+    monkeypatch.setattr(ctc_prefix, "JOINT_CANDIDATES", 2)
+
+
+def joint_scores_at(k: int, ctc_weight: float, trie: bool) -> tuple[BeamSearch, BeamSearch, torch.Tensor]:
+    """A PyTorch search after two steps and a fused one in the same state (CTC scorer and trie nodes copied), a
+    hypothesis's CTC prefix made impossible (-inf) in both, and new random logits, a few of them -inf."""
+    config = dict(b=2, k=k, v=12, max_len=6, eos_from=[1, 2], ctc_weight=ctc_weight, trie=trie)
+    ref, _ = make_search(False, **config, device=torch.device("cpu"))
+    fused, _ = make_search(True, **config)
+    for _ in range(2):
+        ref.step(None)
+    for name in ("x", "r_blank", "r_any", "start", "last", "prefix"):
+        getattr(fused.ctc, name).copy_(getattr(ref.ctc, name))
+    fused.node.copy_(ref.node)
+    dead = k  # the second utterance's first hypothesis: its CTC state stays, its prefix is dead
+    for search in (ref, fused):
+        search.ctc.prefix[dead] = -math.inf
+    logits = torch.randn(2 * k, 12, generator=torch.Generator().manual_seed(k)) * 3
+    logits[0, [4, 9]] = -math.inf  # labels the decoder rules out
+    return ref, fused, logits
+
+
+@pytest.mark.parametrize("k, ctc_weight, trie, small_blocks", [
+    (4, 0.3, False, False), (4, 0.3, True, False), (4, 1.0, True, False), (1, 0.3, False, False),
+    (1, 0.3, True, False), (1, 1.0, False, False), (4, 0.3, True, True), (1, 1.0, True, True)])
+def test_fused_joint_scores_equal_pytorch(k: int, ctc_weight: float, trie: bool, small_blocks: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One joint step's scores and psi from the kernel and from PyTorch (BeamSearch._scores), from the same state.
+    Scores equal to the last bits (log_softmax sums in another order) and -inf at the same places. psi equal to
+    the PyTorch scorer's over the same pre-beam; the pre-beam is the same set as torch.topk's but for labels of
+    score -inf (a lexicon allows fewer than pre_beam labels), which torch.topk takes in an unspecified order on the
+    CPU: there psi is compared with the pre-beam of a stable sort (the kernel's choice: ties to the lowest label).
+    ``small_blocks``: labels in several blocks and candidates over several programs per row."""
+    if small_blocks:
+        use_small_joint_blocks(monkeypatch)
+    ref, fused, logits = joint_scores_at(k, ctc_weight, trie)
+    want, want_psi = ref._scores(logits)
+    got, psi = (x.cpu() for x in fused._joint(logits.to(DEVICE)))
+    assert torch.equal(got.isfinite(), want.isfinite()) and int(want.isfinite().sum()) > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    assert bool(got[k].isneginf().all())  # the dead prefix
+    step = logits.double().log_softmax(-1) + ref.penalty.index_select(0, ref.node)
+    if ctc_weight < 1:
+        pre = step.sort(dim=1, descending=True, stable=True).indices[:, :ref.pre_beam]
+        few = step.isfinite().sum(dim=1) < ref.pre_beam  # rows whose pre-beam takes labels of score -inf
+        assert bool(few.any()) == trie
+    else:
+        pre = None
+    expected = ref.ctc.scores(pre)
+    assert torch.equal(psi.isfinite(), expected.isfinite())
+    torch.testing.assert_close(psi, expected, rtol=1e-12, atol=1e-13)
+    sure = step.isfinite()  # labels scored in both, whatever the order of ties
+    sure[:, EOS] = True
+    torch.testing.assert_close(psi[sure], want_psi[sure], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("trie, small_blocks", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_joint_scores_take_tied_labels_in_order(trie: bool, small_blocks: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits that tie at the pre-beam's boundary (a row of equal logits, a row with six equal ones): the kernel
+    takes the lowest tied labels, as a stable sort, and as torch.topk does on CUDA (checked there). Here the set
+    decides which labels get a finite score, so the expected scores are the reference's, over that set."""
+    if small_blocks:
+        use_small_joint_blocks(monkeypatch)
+    ref, fused, logits = joint_scores_at(4, 0.3, trie)
+    logits[0] = 0.0
+    logits[1, 4:10] = logits[1].max()
+    step = logits.double().log_softmax(-1) + ref.penalty.index_select(0, ref.node)
+    pre = step.sort(dim=1, descending=True, stable=True).indices[:, :ref.pre_beam]
+    if torch.cuda.is_available():
+        assert torch.equal(step.cuda().topk(ref.pre_beam, dim=1).indices.sort(dim=1).values.cpu(),
+                           pre.sort(dim=1).values)
+    expected = ref.ctc.scores(pre)
+    lam, prefix = ref.lam, ref.ctc.prefix[:, None]
+    gain = torch.where(prefix.isfinite(), expected - prefix, -math.inf)
+    want = torch.where(step > -math.inf, (1 - lam) * step + lam * gain, -math.inf)  # as BeamSearch._scores
+    got, psi = (x.cpu() for x in fused._joint(logits.to(DEVICE)))
+    assert torch.equal(psi.isfinite(), expected.isfinite()) and torch.equal(got.isfinite(), want.isfinite())
+    torch.testing.assert_close(psi, expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_fused_joint_step_in_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole joint steps with the labels in several blocks and the candidates over several programs per row."""
+    use_small_joint_blocks(monkeypatch)
+    lockstep(b=1, k=2, v=12, max_len=4, eos_from=[2], ctc_weight=0.3, trie=True, seed=1)
 
 
 def test_fused_step_equals_pytorch_step_with_bf16_logits() -> None:
@@ -176,7 +281,7 @@ def test_fused_run_equals_pytorch_run() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("ctc_weight, trie", [(None, False), (None, True), (0.3, False), (1.0, True)])
+@pytest.mark.parametrize("ctc_weight, trie", [(None, False), (None, True), (0.3, False), (0.3, True), (1.0, True)])
 def test_fused_step_replays_in_a_cuda_graph(ctc_weight: float | None, trie: bool) -> None:
     """The kernel captured in the search's CUDA graph and replayed gives the eager PyTorch search's n-best lists, on
     the GPU and on the CPU."""
