@@ -56,3 +56,13 @@ def fit(root: Path, path: Path, steps: int, *, ckpt_path: str | None = None, unk
                         default_root_dir=root)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return trainer, model, dm
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for the rest of the module: tiny models gain nothing from a second one, and two threads on two
+    busy cores spin for seconds at every operation (runs that take a second alone took up to ten)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -82,13 +82,38 @@ def test_init_from_with_unseen_characters(trained, tmp_path) -> None:
     assert trainer.global_step == 1
 
 
-def test_resume_continues_exactly(tmp_path, corpus) -> None:
-    _, straight, _ = fit(tmp_path / "a", corpus, 4)
-    fit(tmp_path / "b", corpus, 2)
-    trainer, resumed, _ = fit(tmp_path / "b2", corpus, 4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert trainer.global_step == 4
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_continues_exactly(dropout, tmp_path, corpus, one_thread) -> None:
+    """The resumed run ends with the weights and optimiser state of the run trained straight through, dropout on or
+    off: the data module's checkpoint state holds the global random state the dropout draws from, and the loaders
+    draw their base seeds from generators of their own."""
+    trainer_a, straight, _ = fit(tmp_path / "a", corpus, 4, dropout=dropout)
+    fit(tmp_path / "b", corpus, 2, dropout=dropout)
+    ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)  # nothing pickled
+    state = ckpt["TextDataModule"]
+    assert state["train_batches_consumed"] == 2 and state["seed"] == 7 and "rng" in state
+    trainer, resumed, _ = fit(tmp_path / "b2", corpus, 4, ckpt_path=str(tmp_path / "b" / "last.ckpt"),
+                              dropout=dropout)
+    assert trainer.global_step == trainer_a.global_step == 4
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    a, b = trainer_a.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for k, values in a["state"].items():
+        for key, value in values.items():
+            assert torch.equal(value, b["state"][k][key]), (k, key)
+
+
+def test_resume_from_a_checkpoint_without_random_state(tmp_path, corpus, one_thread) -> None:
+    """A checkpoint written before the data module saved the random state (no "rng" key) still resumes, at the
+    right window."""
+    fit(tmp_path / "a", corpus, 2)
+    ckpt = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
+    del ckpt["TextDataModule"]["rng"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    trainer, _, dm = fit(tmp_path / "b", corpus, 4, ckpt_path=str(tmp_path / "old.ckpt"))
+    assert trainer.global_step == 4 and dm._resume_step == 2
 
 
 def test_resume_with_different_vocabulary_is_refused(tmp_path, corpus) -> None:

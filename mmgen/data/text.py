@@ -1,21 +1,26 @@
 """Text corpora for language modelling: one file or a folder of ``.txt`` files, sampled as random windows.
 
 Training windows come from a seeded stream that shards across ranks and data-loader workers and resumes at the step
-where a checkpoint stopped; the last ``val_fraction`` of the corpus is the validation split (as in nanoGPT).
+where a checkpoint stopped; the last ``val_fraction`` of the corpus is the validation split (as in nanoGPT). The
+data module's checkpoint state also holds the global random state (:mod:`mmgen.data.rng`), so a resumed run's dropout
+continues where the checkpoint was written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmgen.data.paths import DataFileError, resolve
+from mmgen.data.rng import rng_state, set_rng_state
 from mmgen.modality import Modality, TextModality, VocabularyError
 
 __all__ = ["RandomWindows", "TextDataModule", "read_corpus"]
@@ -164,7 +169,13 @@ class TextDataModule(L.LightningDataModule):
         ds = RandomWindows(self._train_ids, self._block(), self.batch_size, num, self.seed, stream=rank,
                            skip=self._resume_step)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        # Every iterator a DataLoader builds (each epoch, each validation) draws its workers' base seed from its
+        # `generator`, by default the global one, which the model's dropout draws from: that extra draw would shift
+        # the dropout masks, and differently in a resumed run. RandomWindows draws nothing from the workers' seeds.
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank()
@@ -172,18 +183,25 @@ class TextDataModule(L.LightningDataModule):
         ds = RandomWindows(self._val_ids, self._block(), self.val_batch_size or self.batch_size,
                            len(range(rank, self.val_batches, world)),
                            self.seed, stream=VAL_STREAM, start=rank, stride=world)
-        return DataLoader(ds, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+        return DataLoader(ds, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available(),
+                          generator=self._generator())
 
     def test_dataloader(self) -> DataLoader:
         """The validation windows (the same fixed, seeded set): ``mmgen test`` reports on the held-out split."""
         return self.val_dataloader()
 
-    def state_dict(self) -> dict[str, int]:
+    # Lightning saves a data module's state_dict in every checkpoint and restores it before training resumes. Besides
+    # the windows consumed, it keeps the global random state, which the model's dropout draws from and which Lightning
+    # does not checkpoint: a resumed run then continues those draws where the checkpoint was written.
+    def state_dict(self) -> dict[str, Any]:
         # Windows consumed so far, read from the loop rather than the (prefetching) loader.
         consumed = 0
         if self.trainer is not None:
             consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return {"train_batches_consumed": consumed, "seed": self.seed}
+        return {"train_batches_consumed": consumed, "seed": self.seed, "rng": rng_state()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume_step = int(state.get("train_batches_consumed", 0))
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if "rng" in state and fitting:  # (evaluating a checkpoint leaves the random state alone; older ones have none)
+            set_rng_state(state["rng"])

@@ -22,13 +22,9 @@ AUGMENT = WaveAugment(noise_prob=0.5, reverb_prob=0.5, lowpass_prob=0.5, lowpass
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second intra-op thread, and two threads on two busy cores spin for
-    seconds at every operation: one thread keeps these runs to a few seconds on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread) -> None:
+    """Every run here on one thread, the straight run (a module fixture) included: a result is bit-exact for a
+    given number of threads (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
