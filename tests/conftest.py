@@ -66,3 +66,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_same_weights_and_optimizer(straight: L.Trainer, resumed: L.Trainer) -> None:
+    """Every weight and every optimiser-state tensor of two runs equal, bit for bit (resume tests)."""
+    for (name, a), b in zip(straight.lightning_module.state_dict().items(),
+                            resumed.lightning_module.state_dict().values()):
+        assert torch.equal(a, b), name
+    a, b = straight.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for k, values in a["state"].items():
+        for key, value in values.items():
+            assert torch.equal(value, b["state"][k][key]), (k, key)

@@ -14,7 +14,7 @@ from mmgen.data import TextDataModule
 from mmgen.modality import VocabularyError
 from mmgen.tasks import LanguageModel
 from mmgen_text import CharTokenizer
-from tests.conftest import VERSE, fit, tiny_model
+from tests.conftest import VERSE, assert_same_weights_and_optimizer, fit, tiny_model
 
 
 @pytest.fixture
@@ -96,13 +96,7 @@ def test_resume_continues_exactly(dropout, tmp_path, corpus, one_thread) -> None
                               dropout=dropout)
     assert trainer.global_step == trainer_a.global_step == 4
     assert straight.state_dict().keys() == resumed.state_dict().keys()
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    a, b = trainer_a.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
-    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
-    for k, values in a["state"].items():
-        for key, value in values.items():
-            assert torch.equal(value, b["state"][k][key]), (k, key)
+    assert_same_weights_and_optimizer(trainer_a, trainer)
 
 
 def test_resume_from_a_checkpoint_without_random_state(tmp_path, corpus, one_thread) -> None:

@@ -149,12 +149,12 @@ class SpeechRecognizer(L.LightningModule):
         self._tries: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}
         self._decoders: dict[tuple, object] = {}  # built on first use
         self.graph_decoding = True  # attention searches on a GPU replay each step as a CUDA graph
-        # recognize() on a GPU replays the encoder and CTC head as CUDA graphs, one per (batch, length bucket)
-        self.graph_encoding = True
-        self._encoder_graphs: PaddedGraphs | None = None  # built on first use
         # and run it as Triton kernels (mmgen.kernels): the decoder step (float32 weights, no autocast), the CTC prefix
         # scores and the search's bookkeeping; False runs the PyTorch reference code
         self.fused_decoding = True
+        # recognize() on a GPU replays the encoder and CTC head as CUDA graphs, one per (batch, length bucket)
+        self.graph_encoding = True
+        self._encoder_graphs: PaddedGraphs | None = None  # built on first use
         self.source: AudioModality = require_role(self, modalities, "source", AudioModality)
         self.target: TextModality = require_role(self, modalities, "target", TextModality)
         init = None

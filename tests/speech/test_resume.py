@@ -14,6 +14,7 @@ import torch
 from mmgen.data import ManifestDataModule, WaveAugment
 from mmgen.tasks import SpeechRecognizer
 from mmgen_text import CharTokenizer
+from tests.conftest import assert_same_weights_and_optimizer
 from tests.speech.conftest import TINY_ASR, audio, manifest, pick
 
 STEPS = 8  # 3 batches an epoch: the resumed part crosses at least one epoch boundary
@@ -56,14 +57,7 @@ def train(root: Path, manifests: tuple[Path, Path], steps: int, *, workers: int 
 
 def assert_same_state(straight: L.Trainer, resumed: L.Trainer) -> None:
     assert resumed.global_step == straight.global_step == STEPS
-    for (name, a), b in zip(straight.lightning_module.state_dict().items(),
-                            resumed.lightning_module.state_dict().values()):
-        assert torch.equal(a, b), name
-    a, b = straight.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
-    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
-    for k, state in a["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b["state"][k][key]), (k, key)
+    assert_same_weights_and_optimizer(straight, resumed)
     assert straight.lr_scheduler_configs[0].scheduler.state_dict() == \
         resumed.lr_scheduler_configs[0].scheduler.state_dict()
 
