@@ -7,7 +7,9 @@ the decoder step (``SpeechRecognizer.net.decode_step`` over a 150-position cache
 products alone (the step's weights and shapes), a whole 150-step attention search with the beam reorder as it is
 (gathering the filled positions into a reused buffer) and as it was before session 7 (a fresh copy of the whole cache
 per step), and with ``--compile`` the step under ``torch.compile`` (inductor's C++ backend; fixed shapes). Each time is
-the fastest and the median of several rounds: this shared CPU's timings move between rounds.
+the fastest and the median of several rounds: this shared CPU's timings move between rounds. Since session 8 it also
+times the C++ kernels (``mmgen.kernels.native``): the decoder step, and whole attention and joint searches against
+the same searches with the PyTorch steps.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def main() -> None:
     with torch.inference_mode():
         feats = model.source.collate([model.source.features(torch.randn(160000) * 0.1)])
         memory, mask = net.encode(feats.values, feats.mask)
-        cache = net.step_cache(4, 150, memory, mask, fused=False)
+        cache = net.step_cache(4, 150, memory, mask, fused=False, native=False)
         ids, position = torch.zeros(4, dtype=torch.long), torch.tensor([70])
         out["decoder_step"] = timed(lambda: net.decode_step(ids, position, cache, 71))
+        native = net.step_cache(4, 150, memory, mask, native=True)  # the C++ step (builds the kernels once)
+        out["decoder_step_native"] = timed(lambda: net.decode_step(ids, position, native, 71))
         linears = [(lin, lin.weight.shape[1]) for layer in cache.linears for lin in layer.values()]
         inputs = {k: torch.randn(4, k) for _, k in linears}
         out["matmuls"] = len(linears)
@@ -61,9 +65,16 @@ def main() -> None:
         log_probs = net.ctc_head(memory).float().log_softmax(dim=-1)
         model.hparams.max_target_length = 150
 
-        def search() -> None:
-            model._nbest(memory, mask, log_probs, 4, joint=False)
+        def search(joint: bool = False) -> None:
+            model._nbest(memory, mask, log_probs, 4, joint=joint)
 
+        for joint in (False, True):  # whole searches: the C++ kernels (the default), then the PyTorch steps
+            name = "joint" if joint else "attention"
+            out[f"search_150_steps_{name}_native"] = timed(lambda: search(joint), rounds=9, calls=1)
+            model.fused_decoding = False
+            out[f"search_150_steps_{name}_pytorch"] = timed(lambda: search(joint), rounds=9, calls=1)
+            model.fused_decoding = True
+        model.fused_decoding = False  # the reorder A/B below is of the PyTorch steps
         out["search_150_steps_reorder_reused_buffer"] = timed(search, rounds=9, calls=1)
         reorder = StepCache.reorder
 

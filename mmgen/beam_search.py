@@ -6,9 +6,10 @@ hypotheses and the reorder of the decoder's state. On a GPU one step is captured
 so a step costs one graph launch instead of a few hundred kernel launches from Python; on the CPU the same step runs
 eagerly. With ``fused`` (the default on CUDA), the bookkeeping after the decoder's scores is one Triton kernel
 (:mod:`mmgen.kernels.beam_step`) instead of some sixty small ones, and a joint CTC/attention step's scores one more
-(:class:`mmgen.kernels.ctc_prefix.FusedJointScores`) instead of some twenty. Written here: the beam searches of
-torchaudio are CTC-only, and the generic ones (ESPnet, fairseq) keep their bookkeeping in Python, one host round trip
-per step.
+(:class:`mmgen.kernels.ctc_prefix.FusedJointScores`) instead of some twenty. On the CPU (``native``, the default
+there), the same work is done by C++ kernels of the same contracts (:mod:`mmgen.kernels.native_beam`): three calls
+for a joint step where PyTorch dispatches some 150 tiny operators. Written here: the beam searches of torchaudio
+are CTC-only, and the generic ones (ESPnet, fairseq) keep their bookkeeping in Python, one host round trip per step.
 
 Notation: ``b`` utterances, ``k`` beam, ``rows = b * k`` hypotheses, ``v`` vocabulary, ``L`` positions.
 """
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from mmgen.ctc import CTCPrefixScorer
 from mmgen.kernels import triton_usable
+from mmgen.kernels.native_beam import NativeBeamSelect, NativeJointScores, use_native
 
 __all__ = ["BeamSearch", "lexicon_trie"]
 
@@ -97,13 +99,21 @@ class BeamSearch:
             pre-beam, CTC prefix scores, weights) are one more (:class:`mmgen.kernels.ctc_prefix.FusedJointScores`)
             instead of some twenty; default: on CUDA with Triton (:func:`mmgen.kernels.triton_usable`); on the CPU
             only under Triton's interpreter, as tests run it. Same results; the PyTorch code is the reference
-            (``fused=False``).
+            (``fused=False, native=False``).
+        native: the same work as ``fused`` by C++ kernels on the CPU (:mod:`mmgen.kernels.native_beam`: the
+            bookkeeping as :class:`~mmgen.kernels.native_beam.NativeBeamSelect`, with a native CTC scorer the joint
+            scores as :class:`~mmgen.kernels.native_beam.NativeJointScores`), built with the machine's compiler on
+            first use (:mod:`mmgen.kernels.native`). None (default): where the search runs on the CPU, ``fused`` is
+            not on and the kernels can be built (not under ``MMGEN_NATIVE=0``); True: required (an error where they
+            cannot run); False: the PyTorch code. ``fused=False`` alone does not turn them off. Same results as the
+            PyTorch code (the tie rules of ``fused``).
     """
 
     def __init__(self, decoder: StepFn, reorder: ReorderFn, *, batch: int, beam: int, vocab: int, bos: int,
                  eos: int, banned: Sequence[int], max_len: int, device: torch.device,
                  ctc: CTCPrefixScorer | None = None, ctc_weight: float = 0.0, pre_beam: int | None = None,
-                 trie: tuple[Tensor, Tensor] | None = None, fused: bool | None = None) -> None:
+                 trie: tuple[Tensor, Tensor] | None = None, fused: bool | None = None,
+                 native: bool | None = None) -> None:
         self.decoder, self.reorder = decoder, reorder
         self.b, self.k, self.v, self.eos, self.max_len = batch, beam, vocab, eos, max_len
         self.ctc, self.lam, self.trie = ctc, ctc_weight, trie
@@ -137,7 +147,10 @@ class BeamSearch:
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.fused = triton_usable(device) if fused is None else fused
-        self._joint = None
+        self.native = use_native(native, device, self.fused)
+        # The kernels' calls (else None: PyTorch): the bookkeeping, and with a CTC scorer of the same kind the joint
+        # scores.
+        self._select = self._joint = None
         if self.fused:
             from mmgen.kernels.beam_step import BeamSelect  # imports Triton: only when asked for
 
@@ -146,25 +159,33 @@ class BeamSearch:
                 from mmgen.kernels.ctc_prefix import FusedJointScores
 
                 self._joint = FusedJointScores(self)
+        elif self.native:
+            self._select = NativeBeamSelect(self)
+            if ctc is not None and ctc.native:
+                self._joint = NativeJointScores(self)
 
     def step(self, length: int | None) -> None:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
         logits = self.decoder(self.label, self.position, length)
         psi = None
-        if self.fused and self.ctc is None:  # one launch from the logits, log_softmax and penalty included
+        if self._select is not None and self.ctc is None:  # one call from the logits, log_softmax and penalty included
             index, keep_label = self._select(logits, normalise=True)
         else:
-            # Fused with a fused CTC scorer: one launch from the logits to the joint scores and psi (else PyTorch).
+            # With a CTC scorer of the same kernels: one call from the logits to the joint scores and psi (else
+            # PyTorch).
             scores, psi = self._scores(logits) if self._joint is None else self._joint(logits)
-            index, keep_label = self._select(scores, normalise=False) if self.fused else self._bookkeeping(scores)
+            if self._select is None:
+                index, keep_label = self._bookkeeping(scores)
+            else:
+                index, keep_label = self._select(scores, normalise=False)
         self.reorder(index, length)
         if self.ctc is not None:
             self.ctc.advance(index, keep_label, psi)
 
     def _scores(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """The step's scores (rows, v) float64 from the decoder's logits, and with a CTC scorer its psi (rows, v)
-        (else None), in PyTorch (the reference of the fused joint scores,
-        :class:`mmgen.kernels.ctc_prefix.FusedJointScores`)."""
+        (else None), in PyTorch (the reference of the fused and native joint scores,
+        :class:`mmgen.kernels.ctc_prefix.FusedJointScores`, :class:`mmgen.kernels.native_beam.NativeJointScores`)."""
         penalty = self.penalty.index_select(0, self.node) if self.trie is not None else self.penalty
         scores = logits.double().log_softmax(dim=-1) + penalty
         psi = None
@@ -180,7 +201,8 @@ class BeamSearch:
 
     def _bookkeeping(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """From the step's scores (rows, v) to the new state, in PyTorch (the fused kernel's reference); returns
-        each new hypothesis's row ``index`` and label, for the reorder of the decoder's state and the CTC scorer."""
+        each new hypothesis's row ``index`` and label, for the reorder of the decoder's state and the CTC scorer.
+        The reference of the fused and native kernels' (``BeamSelect``, ``NativeBeamSelect``)."""
         b, k, v = self.b, self.k, self.v
         candidates = (self.scores.view(b * k, 1) + scores).view(b, k * v)
         top_scores, top = candidates.topk(2 * k, dim=1)  # shape: (b, 2k); at most k of them end in eos

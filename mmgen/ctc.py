@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mmgen.kernels import triton_usable
+from mmgen.kernels.native_beam import NativeCTCPrefix, use_native
 
 __all__ = ["CTCPrefixScorer", "ctc_greedy", "ctc_prefix_beam_search", "min_ctc_frames"]
 
@@ -98,6 +99,12 @@ class CTCPrefixScorer:
     come from one launch that includes them (:class:`mmgen.kernels.ctc_prefix.FusedJointScores`, into the same
     buffer).
 
+    With ``native`` (the default on the CPU), :meth:`scores` and :meth:`advance` are one call each of C++ kernels
+    (:class:`mmgen.kernels.native_beam.NativeCTCPrefix`), the scores in a buffer of the scorer's as with ``fused``;
+    :meth:`advance` runs the forward recursion as a plain loop over frames (equal to the closed form up to float64
+    rounding). A native :class:`~mmgen.beam_search.BeamSearch` over a native scorer takes its joint scores from one
+    call (:class:`mmgen.kernels.native_beam.NativeJointScores`).
+
     Args:
         log_probs: (rows, t, v) CTC log-probabilities.
         lengths: (rows,) real frames per row; frames past a row's length are treated as certain blanks, which leaves
@@ -108,12 +115,16 @@ class CTCPrefixScorer:
             search), and :meth:`advance` moves rows only within their group, so the inputs are not reordered.
         fused: run :meth:`scores` and :meth:`advance` as Triton kernels; default: on CUDA with Triton
             (:func:`mmgen.kernels.triton_usable`). Elsewhere only when asked for, under Triton's interpreter.
+        native: run them as C++ kernels on the CPU (:mod:`mmgen.kernels.native_beam`). None (default): where the
+            log-probabilities are on the CPU, ``fused`` is not on and the kernels can be built (not under
+            ``MMGEN_NATIVE=0``); True: required (an error where they cannot run); False: the PyTorch code (the
+            reference, with ``fused=False``). ``fused=False`` alone does not turn them off.
     """
 
     FLOOR = -1e4  # log-probability standing for "impossible" inside the sums (exp underflows to exactly 0)
 
     def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int, group: int = 1,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, native: bool | None = None) -> None:
         rows, t, v = log_probs.shape
         pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
         x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
@@ -134,6 +145,9 @@ class CTCPrefixScorer:
             from mmgen.kernels.ctc_prefix import FusedCTCPrefix  # imports Triton: only when asked for
 
             self._fused = FusedCTCPrefix(self)
+        self.native = use_native(native, dev, self.fused)
+        if self.native:
+            self._native = NativeCTCPrefix(self)
 
     def _shift(self, r: Tensor) -> Tensor:
         """r (rows, t) one frame later, with the start state before frame 0: the alignments a new label may follow."""
@@ -148,6 +162,8 @@ class CTCPrefixScorer:
         """
         if self.fused:
             return self._fused.scores(candidates)
+        if self.native:
+            return self._native.scores(candidates)
         x, (rows, v, t) = self.x, self.x.shape
         if candidates is None:
             candidates = torch.arange(v, device=x.device).expand(rows, v)
@@ -169,6 +185,9 @@ class CTCPrefixScorer:
         :meth:`scores`, whose ``psi`` is passed back)."""
         if self.fused:
             self._fused.advance(index, labels, psi)
+            return
+        if self.native:
+            self._native.advance(index, labels, psi)
             return
         x = self.x if self.group > 1 else self.x.index_select(0, index)
         xl = x.gather(1, labels[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]  # shape: (rows, t)

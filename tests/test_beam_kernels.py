@@ -1,7 +1,8 @@
 """The fused beam search step (mmgen.kernels.beam_step, ``BeamSearch(fused=True)``) against the PyTorch step it
-replaces (``fused=False``): same state after every step and same n-best lists, over a synthetic decoder whose logits
-are a fixed function of each hypothesis's labels. On a machine without a GPU the kernel runs in Triton's interpreter
-(tests/conftest.py), so the searches are kept small."""
+replaces (``fused=False, native=False``): same state after every step and same n-best lists, over a synthetic decoder
+whose logits are a fixed function of each hypothesis's labels. On a machine without a GPU the kernel runs in Triton's
+interpreter (tests/conftest.py), so the searches are kept small. The helpers serve the C++ kernels' tests too
+(tests/test_native_kernels.py, ``native=True``)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ class ToyDecoder:
 
 def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos_from: list[float], seed: int = 0,
                 dtype: torch.dtype = torch.float32, trie: bool | tuple = False, ctc_weight: float | None = None,
-                ctc_fused: bool | None = None, device: torch.device = DEVICE) -> tuple[BeamSearch, ToyDecoder]:
+                ctc_fused: bool | None = None, device: torch.device = DEVICE, native: bool = False,
+                ctc_native: bool | None = None) -> tuple[BeamSearch, ToyDecoder]:
     """A search over a ToyDecoder; with ``ctc_weight``, joint with a CTC scorer (fused as the search unless
-    ``ctc_fused`` says otherwise: a fused search with a fused scorer takes its joint scores from one kernel)."""
+    ``ctc_fused`` says otherwise: a fused search with a fused scorer takes its joint scores from one kernel). ``native``
+    (the search's, and the scorer's unless ``ctc_native`` says otherwise): the C++ kernels; off by default, so that
+    ``fused=False`` is the PyTorch reference."""
     decoder = ToyDecoder(b, k, v, eos_from, seed, dtype, device)
     ctc = None
     if ctc_weight is not None:
@@ -56,12 +60,13 @@ def make_search(fused: bool | None, *, b: int, k: int, v: int, max_len: int, eos
         log_probs = (torch.randn(b, t, v, generator=g) * 3).log_softmax(-1).to(device)
         lengths = torch.tensor([t - i % 3 for i in range(b)], device=device)
         ctc = CTCPrefixScorer(log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k), BLANK, EOS,
-                              group=k, fused=fused if ctc_fused is None else ctc_fused)
+                              group=k, fused=fused if ctc_fused is None else ctc_fused,
+                              native=native if ctc_native is None else ctc_native)
     if trie is True:
         trie = lexicon_trie(WORDS, v, EOS, SPACE, device)
     search = BeamSearch(decoder, decoder.reorder, batch=b, beam=k, vocab=v, bos=BOS, eos=EOS,
                         banned=[PAD, BOS, BLANK], max_len=max_len, device=device, ctc=ctc,
-                        ctc_weight=ctc_weight or 0.0, pre_beam=k + 2, trie=trie or None, fused=fused)
+                        ctc_weight=ctc_weight or 0.0, pre_beam=k + 2, trie=trie or None, fused=fused, native=native)
     return search, decoder
 
 
@@ -94,9 +99,12 @@ def assert_same_results(got: list, want: list) -> None:
             assert s == t or abs(s - t) <= 1e-12, (s, t)
 
 
-def lockstep(steps_limit: int | None = None, **config) -> tuple[BeamSearch, list]:
-    """Both searches step by step, their states compared after each; returns the reference and its results."""
-    fused, _ = make_search(True, **config)
+def lockstep(steps_limit: int | None = None, native: bool = False, **config) -> tuple[BeamSearch, list]:
+    """Both searches (the kernels': Triton's, or with ``native`` the C++ ones; and PyTorch's) step by step, their
+    states compared after each; returns the reference and its results."""
+    if native:
+        config.setdefault("device", torch.device("cpu"))
+    fused, _ = make_search(not native, native=native, **config)
     ref, _ = make_search(False, **config)
     steps = 0
     limit = steps_limit or ref.max_len
@@ -175,12 +183,14 @@ def use_small_joint_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ctc_prefix, "JOINT_CANDIDATES", 2)
 
 
-def joint_scores_at(k: int, ctc_weight: float, trie: bool) -> tuple[BeamSearch, BeamSearch, torch.Tensor]:
-    """A PyTorch search after two steps and a fused one in the same state (CTC scorer and trie nodes copied), a
-    hypothesis's CTC prefix made impossible (-inf) in both, and new random logits, a few of them -inf."""
+def joint_scores_at(k: int, ctc_weight: float, trie: bool,
+                    native: bool = False) -> tuple[BeamSearch, BeamSearch, torch.Tensor]:
+    """A PyTorch search after two steps and a fused one (``native``: a C++ one) in the same state (CTC scorer and
+    trie nodes copied), a hypothesis's CTC prefix made impossible (-inf) in both, and new random logits, a few of
+    them -inf."""
     config = dict(b=2, k=k, v=12, max_len=6, eos_from=[1, 2], ctc_weight=ctc_weight, trie=trie)
     ref, _ = make_search(False, **config, device=torch.device("cpu"))
-    fused, _ = make_search(True, **config)
+    fused, _ = make_search(not native, native=native, **config, device=torch.device("cpu") if native else DEVICE)
     for _ in range(2):
         ref.step(None)
     for name in ("x", "r_blank", "r_any", "start", "last", "prefix"):
@@ -207,9 +217,14 @@ def test_fused_joint_scores_equal_pytorch(k: int, ctc_weight: float, trie: bool,
     ``small_blocks``: labels in several blocks and candidates over several programs per row."""
     if small_blocks:
         use_small_joint_blocks(monkeypatch)
-    ref, fused, logits = joint_scores_at(k, ctc_weight, trie)
+    check_joint_scores(k, ctc_weight, trie)
+
+
+def check_joint_scores(k: int, ctc_weight: float, trie: bool, native: bool = False) -> None:
+    """test_fused_joint_scores_equal_pytorch for the fused kernel, or with ``native`` the C++ one."""
+    ref, fused, logits = joint_scores_at(k, ctc_weight, trie, native)
     want, want_psi = ref._scores(logits)
-    got, psi = (x.cpu() for x in fused._joint(logits.to(DEVICE)))
+    got, psi = (x.cpu() for x in fused._joint(logits.to(fused.label.device)))
     assert torch.equal(got.isfinite(), want.isfinite()) and int(want.isfinite().sum()) > 0
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     assert bool(got[k].isneginf().all())  # the dead prefix
@@ -236,7 +251,12 @@ def test_fused_joint_scores_take_tied_labels_in_order(trie: bool, small_blocks: 
     decides which labels get a finite score, so the expected scores are the reference's, over that set."""
     if small_blocks:
         use_small_joint_blocks(monkeypatch)
-    ref, fused, logits = joint_scores_at(4, 0.3, trie)
+    check_tied_labels(trie)
+
+
+def check_tied_labels(trie: bool, native: bool = False) -> None:
+    """test_fused_joint_scores_take_tied_labels_in_order for the fused kernel, or with ``native`` the C++ one."""
+    ref, fused, logits = joint_scores_at(4, 0.3, trie, native)
     logits[0] = 0.0
     logits[1, 4:10] = logits[1].max()
     step = logits.double().log_softmax(-1) + ref.penalty.index_select(0, ref.node)
@@ -248,7 +268,7 @@ def test_fused_joint_scores_take_tied_labels_in_order(trie: bool, small_blocks: 
     lam, prefix = ref.lam, ref.ctc.prefix[:, None]
     gain = torch.where(prefix.isfinite(), expected - prefix, -math.inf)
     want = torch.where(step > -math.inf, (1 - lam) * step + lam * gain, -math.inf)  # as BeamSearch._scores
-    got, psi = (x.cpu() for x in fused._joint(logits.to(DEVICE)))
+    got, psi = (x.cpu() for x in fused._joint(logits.to(fused.label.device)))
     assert torch.equal(psi.isfinite(), expected.isfinite()) and torch.equal(got.isfinite(), want.isfinite())
     torch.testing.assert_close(psi, expected, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
@@ -272,8 +292,15 @@ def test_fused_step_over_a_large_vocabulary() -> None:
 
 
 def test_fused_run_equals_pytorch_run() -> None:
+    check_run()
+
+
+def check_run(native: bool = False) -> None:
+    """Whole searches (run) of the fused kernels, or with ``native`` the C++ ones, and of PyTorch."""
     config = dict(b=3, k=4, v=12, max_len=10, eos_from=[1, 3, 6], seed=5)
-    fused, _ = make_search(True, **config)
+    if native:
+        config["device"] = torch.device("cpu")
+    fused, _ = make_search(not native, native=native, **config)
     ref, _ = make_search(False, **config)
     got, want = fused.run(graph=False), ref.run(graph=False)
     assert_same_results(got, want)

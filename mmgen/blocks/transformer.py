@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from mmgen.blocks.attention import KVCache, MultiHeadAttention
 from mmgen.kernels import triton_usable
+from mmgen.kernels.native import native_usable
+from mmgen.kernels.native_decoder import NativeDecoder, native_decoder_unsupported
 
 if TYPE_CHECKING:
     from mmgen.kernels.decoder_step import FusedStepCache
@@ -156,6 +158,7 @@ class StepCache:
         self.linears = linears
         self.group = group
         self.positions: Tensor | None = None  # a position table for the caller's embedding, if it keeps one here
+        self.native: NativeDecoder | None = None  # the C++ step, where it runs (see TransformerStack.step_cache)
         self._spare: Tensor | None = None  # the reorder's second buffer
 
     @property
@@ -248,13 +251,15 @@ class TransformerStack(nn.Module):
     @torch.no_grad()
     def step_cache(self, rows: int, max_len: int, *, memory: Tensor | None = None,
                    memory_mask: Tensor | None = None, transposed: bool | None = None,
-                   fused: bool | None = None) -> StepCache | FusedStepCache:
+                   fused: bool | None = None, native: bool | None = None) -> StepCache | FusedStepCache:
         """A :class:`StepCache` for ``rows`` decoding rows and ``max_len`` positions. ``memory`` (b, t, d_memory),
         with ``rows`` a multiple of b: each utterance's memory serves ``rows // b`` consecutive rows.
         ``transposed``: how :class:`StepLinear` keeps the weights (default: transposed on a GPU for more than 8
         rows). ``fused``: a :class:`~mmgen.kernels.decoder_step.FusedStepCache` instead, whose steps run as one
         Triton kernel (default: on a GPU with Triton, float32 weights, no autocast; ``True`` elsewhere runs the kernel
-        in Triton's interpreter, for tests)."""
+        in Triton's interpreter, for tests). ``native``: steps of the returned :class:`StepCache` run as one C++ call
+        (:class:`~mmgen.kernels.native_decoder.NativeDecoder`; default: on the CPU with float32 weights, no autocast,
+        where the kernels build and the stack's shape allows it; ``True`` requires it)."""
         ref = next(self.parameters())
         first = self.blocks[0].self_attn
         if first.d_head_qk != first.d_head_v:
@@ -296,7 +301,13 @@ class TransformerStack(nn.Module):
                 # MultiHeadAttention.
                 mask = (memory_mask | ~alive[:, None])[:, None, None, :]  # shape: (b, 1, 1, t)
                 alive = None if bool(alive.all()) else alive.repeat_interleave(group)[:, None].to(ref.dtype)
-        return StepCache(kv, memory_kv, mask, alive, linears, group)
+        cache = StepCache(kv, memory_kv, mask, alive, linears, group)
+        if native is None:
+            native = (ref.device.type == "cpu" and dtype == torch.float32 and not autocast
+                      and native_decoder_unsupported(self, memory is not None) is None and native_usable())
+        if native:
+            cache.native = NativeDecoder(self, memory_kv)
+        return cache
 
     def step(self, x: Tensor, position: Tensor, cache: StepCache, length: int | None = None) -> Tensor:
         """Incremental decoding, one new position per row, in inference: x (rows, d) at ``position`` (a 1-element
@@ -314,6 +325,8 @@ class TransformerStack(nn.Module):
             from mmgen.kernels.decoder_step import fused_decoder_step
 
             return fused_decoder_step(x, position, cache)
+        if cache.native is not None:
+            return cache.native(x, position, cache, length)
         rows, d = x.shape
         group = cache.group
         self_mask = None

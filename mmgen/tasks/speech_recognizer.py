@@ -78,11 +78,12 @@ class ASRNet(nn.Module):
         return self.head(self.decoder(self.drop(x), memory=memory, memory_mask=memory_mask, cache=cache))
 
     def step_cache(self, rows: int, max_len: int, memory: Tensor, memory_mask: Tensor,
-                   fused: bool | None = None) -> StepCache | FusedStepCache:
+                   fused: bool | None = None, native: bool | None = None) -> StepCache | FusedStepCache:
         """Fixed-shape decoding state for :meth:`decode_step`: ``rows`` hypotheses (a multiple of the memory's
-        batch, each utterance's consecutive), ``max_len`` positions; ``fused``: see
+        batch, each utterance's consecutive), ``max_len`` positions; ``fused``, ``native``: see
         :meth:`~mmgen.blocks.TransformerStack.step_cache`."""
-        cache = self.decoder.step_cache(rows, max_len, memory=memory, memory_mask=memory_mask, fused=fused)
+        cache = self.decoder.step_cache(rows, max_len, memory=memory, memory_mask=memory_mask, fused=fused,
+                                        native=native)
         cache.positions = sinusoidal_positions(max_len, self.d_model, device=memory.device).to(memory.dtype)
         return cache
 
@@ -150,7 +151,8 @@ class SpeechRecognizer(L.LightningModule):
         self._decoders: dict[tuple, object] = {}  # built on first use
         self.graph_decoding = True  # attention searches on a GPU replay each step as a CUDA graph
         # and run it as Triton kernels (mmgen.kernels): the decoder step (float32 weights, no autocast), the CTC prefix
-        # scores and the search's bookkeeping; False runs the PyTorch reference code
+        # scores and the search's bookkeeping; on the CPU the same run as C++ kernels (mmgen.kernels.native); False
+        # runs the PyTorch reference code
         self.fused_decoding = True
         # recognize() on a GPU replays the encoder and CTC head as CUDA graphs, one per (batch, length bucket)
         self.graph_encoding = True
@@ -432,18 +434,19 @@ class SpeechRecognizer(L.LightningModule):
         b = memory.shape[0]
         lengths = mask.sum(dim=1)
         max_len = min(self.hparams.max_target_length, int(lengths.max()) + 1)
-        cache = self.net.step_cache(b * k, max_len, memory, mask, fused=None if self.fused_decoding else False)
+        native = None if self.fused_decoding else False
+        cache = self.net.step_cache(b * k, max_len, memory, mask, fused=native, native=native)
         lam = self.hparams.ctc_rescore_weight
         ctc = None
         if joint and lam > 0:
             ctc = CTCPrefixScorer(ctc_log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k),
-                                  self.blank_id, spec.eos_id, group=k, fused=None if self.fused_decoding else False)
+                                  self.blank_id, spec.eos_id, group=k, fused=native, native=native)
         return BeamSearch(
             lambda ids, position, length: self.net.decode_step(ids, position, cache, length), cache.reorder,
             batch=b, beam=k, vocab=spec.vocab_size, bos=spec.bos_id, eos=spec.eos_id,
             banned=[i for i in (spec.pad_id, spec.bos_id, self.blank_id) if i is not None], max_len=max_len,
             device=memory.device, ctc=ctc, ctc_weight=lam, pre_beam=int(PRE_BEAM_RATIO * k),
-            trie=self._lexicon_trie(memory.device), fused=None if self.fused_decoding else False)
+            trie=self._lexicon_trie(memory.device), fused=native, native=native)
 
     def _ctc_rescore(self, nbest: list[list[tuple[list[int], float]]], log_probs: Tensor,
                      lengths: Tensor) -> list[list[int]]:

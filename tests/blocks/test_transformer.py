@@ -176,17 +176,18 @@ def test_cache_reorder_matches_reordered_prefixes(cross):
 # ---------------------------------------------------------------------------------------------------------------
 
 # The fused kernel has one mode (it reads the position from the device and ignores ``length``): fixed shapes.
-STEP_CASES = [(fixed, bias, transposed, False) for fixed in (False, True)
+STEP_CASES = [(fixed, bias, transposed, False, False) for fixed in (False, True)
               for bias, transposed in ((False, False), (True, False), (True, True))]
-STEP_CASES += [(True, False, False, True), (True, True, False, True)]
+STEP_CASES += [(True, False, False, True, False), (True, True, False, True, False)]
+STEP_CASES += [(fixed, bias, False, False, True) for fixed in (False, True) for bias in (False, True)]
 
 
-@pytest.mark.parametrize(("fixed", "bias", "transposed", "fused"), STEP_CASES)
-def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, transposed, fused):
+@pytest.mark.parametrize(("fixed", "bias", "transposed", "fused", "native"), STEP_CASES)
+def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, transposed, fused, native):
     """Two beams per utterance (rows 2i, 2i+1 share memory i; utterance 1's memory is padded, utterance 2's has no
     real frame at all): every step equals the full pass, before and after a reorder within each utterance. ``fused``:
     the Triton kernel (mmgen.kernels.decoder_step; in Triton's interpreter without a GPU), whose reorder moves the
-    lineage table rather than the keys."""
+    lineage table rather than the keys. ``native``: the C++ step (mmgen.kernels.native_decoder), else PyTorch."""
     stack = TransformerStack(LAYERS, D, H, causal=True, cross_attention=True, d_memory=D_MEM, bias=bias).eval()
     with torch.no_grad():
         for p in stack.parameters():  # biases and norms away from their initial 0 and 1
@@ -204,9 +205,10 @@ def test_step_matches_full_forward_with_shared_memory_and_reorder(fixed, bias, t
     with torch.no_grad():
         full = stack(x, memory=full_memory, memory_mask=full_mask)
         cache = stack.step_cache(rows, L, memory=memory, memory_mask=memory_mask, transposed=transposed,
-                                 fused=fused)
+                                 fused=fused, native=native)
         assert isinstance(cache, StepCache) != fused
         if not fused:
+            assert (cache.native is not None) == native
             assert all(lin.transposed == transposed for layer in cache.linears for lin in layer.values())
         outs = []
         for i in range(split):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,10 +76,11 @@ def test_greedy_collapses_repeats_and_drops_blanks() -> None:
     assert ctc_greedy(log_probs, torch.tensor([3, 1]), blank=0) == [[3], [1]]  # only real frames count
 
 
-def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering() -> None:
+@pytest.mark.parametrize("native", [False, True])
+def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering(native: bool) -> None:
     """Every prefix score is the summed probability of all label sequences that start with the prefix (and at
     ``eos``, of exactly the prefix), by enumeration of every alignment; rows of different lengths share a padded
-    batch, and rows are reordered between steps as a beam search does."""
+    batch, and rows are reordered between steps as a beam search does. For the PyTorch scorer and the C++ one."""
     torch.manual_seed(1)
     blank, eos, v = 0, 3, 4
     log_probs = torch.randn(3, 5, v, dtype=torch.float64).mul(2).log_softmax(-1)
@@ -88,12 +90,12 @@ def test_prefix_scores_equal_exhaustive_enumeration_with_padding_and_reordering(
     def prefix_prob(row: int, prefix: tuple[int, ...]) -> float:
         return sum(p for labels, p in exact[row].items() if labels[:len(prefix)] == prefix)
 
-    scorer = CTCPrefixScorer(log_probs.float(), lengths, blank, eos)
+    scorer = CTCPrefixScorer(log_probs.float(), lengths, blank, eos, native=native)
     owner, prefixes = [0, 1, 2], [(), (), ()]  # which utterance each row scores, and its hypothesis
     for index, labels in ([[0, 1, 2], [1, 2, 2]], [[1, 0, 2], [2, 2, 1]], [[2, 2, 0], [1, 1, 2]]):
         # Scoring a few candidate labels per row gives those labels the same scores, the others none.
         few = torch.tensor([[2], [1], [2]])
-        psi_few = scorer.scores(few)
+        psi_few = scorer.scores(few).clone()  # the C++ scorer's next call overwrites its buffer
         psi = scorer.scores()
         for row in range(3):
             c = int(few[row, 0])

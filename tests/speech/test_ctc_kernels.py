@@ -1,7 +1,8 @@
 """The fused CTC prefix scorer (mmgen.kernels.ctc_prefix) against the PyTorch one, over simulated search steps.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py), which is
-slow: sizes are small, and the frames are cut into several blocks by shrinking the tiles.
+slow: sizes are small, and the frames are cut into several blocks by shrinking the tiles. The helpers serve the C++
+scorer's tests too (tests/test_native_kernels.py, ``native=True``).
 """
 
 from __future__ import annotations
@@ -16,28 +17,30 @@ BLANK = 0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused scorer's: compiled on a GPU, else interpreted
 
 
-def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-9) -> None:
     got = got.cpu()
     if not want.is_floating_point():
         assert torch.equal(got, want), what
         return
     assert torch.equal(got.isfinite(), want.isfinite()), what  # the same -inf entries
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
-def assert_same_state(got: CTCPrefixScorer, want: CTCPrefixScorer, what: str) -> None:
+def assert_same_state(got: CTCPrefixScorer, want: CTCPrefixScorer, what: str, rtol: float = 1e-9) -> None:
     for name in STATE:
-        assert_same(getattr(got, name), getattr(want, name), f"{what}, {name}")
+        assert_same(getattr(got, name), getattr(want, name), f"{what}, {name}", rtol)
 
 
 def scorers(rows: int, t: int, v: int, group: int, lengths: list[int], eos: int, seed: int,
-            device: str = "cpu") -> tuple[CTCPrefixScorer, CTCPrefixScorer]:
-    """The PyTorch scorer (on the CPU) and the fused one (on ``device``) of the same random log-probabilities."""
+            device: str = "cpu", native: bool = False) -> tuple[CTCPrefixScorer, CTCPrefixScorer]:
+    """The PyTorch scorer (on the CPU) and the fused one (on ``device``; with ``native``, the C++ one on the CPU) of
+    the same random log-probabilities."""
     g = torch.Generator().manual_seed(seed)
     log_probs = (torch.randn(rows, t, v, generator=g) * 2).log_softmax(-1)
     lengths = torch.tensor(lengths)
-    ref = CTCPrefixScorer(log_probs, lengths, BLANK, eos, group, fused=False)
-    fused = CTCPrefixScorer(log_probs.to(device), lengths.to(device), BLANK, eos, group, fused=True)
+    ref = CTCPrefixScorer(log_probs, lengths, BLANK, eos, group, fused=False, native=False)
+    fused = CTCPrefixScorer(log_probs.to(device), lengths.to(device), BLANK, eos, group, fused=not native,
+                            native=native)
     return ref, fused
 
 
@@ -76,12 +79,13 @@ def moves(ref: CTCPrefixScorer, cand: torch.Tensor | None, g: torch.Generator) -
 
 
 def simulate(rows: int, t: int, v: int, group: int, lengths: list[int], n: int | None, steps: int, seed: int = 0,
-             eos: int | None = None) -> None:
-    """Steps of a search with the PyTorch and the fused scorers side by side: every score and state tensor equal,
-    the fused scorer's tensors (scores buffer included) at the same addresses throughout."""
+             eos: int | None = None, native: bool = False, rtol: float = 1e-9) -> None:
+    """Steps of a search with the PyTorch and the fused (``native``: the C++) scorers side by side: every score and
+    state tensor equal (to ``rtol``), the kernels' scorer's tensors (scores buffer included) at the same addresses
+    throughout."""
     eos = v - 1 if eos is None else eos
-    ref, fused = scorers(rows, t, v, group, lengths, eos, seed, device=DEVICE)
-    assert_same_state(fused, ref, "start")
+    ref, fused = scorers(rows, t, v, group, lengths, eos, seed, device="cpu" if native else DEVICE, native=native)
+    assert_same_state(fused, ref, "start", rtol)
     where = {name: getattr(fused, name).data_ptr() for name in STATE}
     g = torch.Generator().manual_seed(seed + 1)
     psi_at = None
@@ -89,14 +93,14 @@ def simulate(rows: int, t: int, v: int, group: int, lengths: list[int], n: int |
         # The pre-beam and all labels (λ = 1) in turns.
         cand = candidates(ref, n if step % 2 == 0 else None, g)
         want = ref.scores(cand)
-        got = fused.scores(None if cand is None else cand.to(DEVICE))
+        got = fused.scores(None if cand is None else cand.to(fused.x.device))
         psi_at = psi_at or got.data_ptr()
         assert got.data_ptr() == psi_at
-        assert_same(got, want, f"step {step}, psi")
+        assert_same(got, want, f"step {step}, psi", rtol)
         index, labels = moves(ref, cand, g)
         ref.advance(index, labels, want)
-        fused.advance(index.to(DEVICE), labels.to(DEVICE), got)
-        assert_same_state(fused, ref, f"step {step}")
+        fused.advance(index.to(got.device), labels.to(got.device), got)
+        assert_same_state(fused, ref, f"step {step}", rtol)
     assert {name: getattr(fused, name).data_ptr() for name in STATE} == where
 
 
