@@ -171,6 +171,9 @@ class StepCache:
         buffers swap; without it (fixed shapes, CUDA graphs) the whole buffer is gathered and written back, so it
         keeps its address. (Neither allocates per step. Against a fresh copy of the whole cache per step, a 150-step
         CPU search came out 5-10 % faster, within that CPU's noise: ``benchmarks/asr_cpu_step_probe.py``.)"""
+        if self.native is not None:  # the C++ step's lineage table moves, not the keys
+            self.native.reorder(index, length)
+            return
         if self._spare is None:
             self._spare = torch.empty_like(self.kv)
         if length is None:
@@ -307,6 +310,7 @@ class TransformerStack(nn.Module):
                       and native_decoder_unsupported(self, memory is not None) is None and native_usable())
         if native:
             cache.native = NativeDecoder(self, memory_kv)
+            cache.native.start(rows, max_len)
         return cache
 
     def step(self, x: Tensor, position: Tensor, cache: StepCache, length: int | None = None) -> Tensor:

@@ -39,10 +39,13 @@ def _build() -> None:
         digest.update(path.name.encode() + path.read_bytes())
     # -march=native: the library is built where it runs; the name keeps builds for other machines apart.
     # -fopenmp-simd: the `omp simd` loops (sums) may be vectorised, which reorders their additions.
-    digest.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()}".encode())
-    load(name=f"mmgen_cpu_{digest.hexdigest()[:12]}", sources=[str(p) for p in sources],
-         extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], is_python_module=False,
-         verbose=False)
+    # MMGEN_NATIVE_CFLAGS: more flags, for debugging (e.g. "-fsanitize=address", run under libasan).
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"] + os.environ.get("MMGEN_NATIVE_CFLAGS",
+                                                                                         "").split()
+    digest.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()} "
+                  f"{flags}".encode())
+    load(name=f"mmgen_cpu_{digest.hexdigest()[:12]}", sources=[str(p) for p in sources], extra_cflags=flags,
+         extra_ldflags=[f for f in flags if f.startswith("-fsanitize")], is_python_module=False, verbose=False)
 
 
 def native_usable() -> bool:

@@ -2,7 +2,8 @@
 replaces on the CPU, at widths that take every path of its loops: heads of 36 (two vectors of 16 and a tail), memories
 of 70 frames (a block of 64 and a tail), feed-forward and projection widths that are not multiples of 64, a few rows
 (one thread) and many (split between threads), padded and empty memories, each activation, with and without biases,
-and a stack without cross-attention. Also the choice of the step by default and its errors."""
+and a stack without cross-attention; beams reordered through the lineage table. Also the choice of the step by
+default and its errors."""
 
 from __future__ import annotations
 
@@ -59,7 +60,10 @@ def test_native_step_equals_the_pytorch_step(b: int, k: int, fixed: bool) -> Non
             want = stack.step(x, position, ref, None if fixed else i + 1)
             got = stack.step(x, position, nat, None if fixed else i + 1)
             torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
-            torch.testing.assert_close(nat.kv[..., :i + 1, :], ref.kv[..., :i + 1, :], rtol=0, atol=ATOL)  # filled
+            # Every hypothesis's keys and values, read through the lineage, are the PyTorch cache's rows.
+            lineage = nat.native.lineage
+            through = torch.stack([nat.kv[:, :, lineage[j], :, j] for j in range(i + 1)], dim=-2)
+            torch.testing.assert_close(through, ref.kv[..., :i + 1, :], rtol=0, atol=ATOL)
             if i % 3 == 1:  # beams move within their utterance
                 index = (torch.arange(rows) // k * k + torch.randint(0, k, (rows,), generator=g))
                 ref.reorder(index, None if fixed else i + 1)

@@ -7,6 +7,11 @@
 // product is a sum of rows scaled by the input: each weight row is read once per step whatever the number of rows).
 // A few rows make every product memory-bound on its weights, and every other operation a few hundred multiply-adds,
 // which is why a step in PyTorch costs its operators' dispatch rather than their arithmetic.
+//
+// Beams move without copying keys (as in the Triton step, mmgen/kernels/decoder_step.py): row r writes position p's
+// key and value into its own slot of kv, and lineage (max_len, rows) says which row's slot holds hypothesis i's entry
+// for each position; a reorder gathers that table (mmgen.kernels.native_decoder.NativeDecoder.reorder). kv's rows are
+// therefore slots, not hypotheses, unlike the PyTorch StepCache's.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -176,28 +181,6 @@ void softmax(float* scores, int64_t n) {
   for (int64_t j = 0; j < n; ++j) scores[j] *= inv;
 }
 
-// out (e) = sum_j p[j] values[j] over n rows of width e, 16 columns per register. A last block narrower than 16
-// reads past its row into the next one (not used) except on the last row, which is added alone.
-void weighted_sum(const float* p, const float* values, int64_t n, int64_t e, float* out) {
-  int64_t c0 = 0;
-  for (; c0 < e && e >= 16; c0 += 16) {
-    const int64_t width = std::min<int64_t>(16, e - c0);
-    const int64_t full = width == 16 ? n : n - 1;
-    vf16 acc = vf16{};
-    for (int64_t j = 0; j < full; ++j) acc += splat(p[j]) * load16(values + j * e + c0);
-    float lanes[16];
-    store16(lanes, acc);
-    for (int64_t c = 0; c < width; ++c) {
-      out[c0 + c] = lanes[c] + (full < n ? p[n - 1] * values[(n - 1) * e + c0 + c] : 0.0f);
-    }
-  }
-  for (int64_t c = c0; c < e; ++c) {  // widths below 16
-    float s = 0.0f;
-    for (int64_t j = 0; j < n; ++j) s += p[j] * values[j * e + c];
-    out[c] = s;
-  }
-}
-
 inline float dot(const float* a, const float* b, int64_t e) {
   vf16 acc = vf16{};
   int64_t c = 0;
@@ -207,13 +190,25 @@ inline float dot(const float* a, const float* b, int64_t e) {
   return s;
 }
 
-// out (e) = softmax(q . keys / sqrt(e)) @ values over n positions, keys and values (n, e) row-major.
-void attend_rows(const float* q, const float* keys, const float* values, int64_t n, int64_t e, float* scores,
-                 float* out) {
+// out (e) = softmax(q . keys / sqrt(e)) @ values over n positions of one hypothesis: position j's key and value
+// (e floats each) are at keys + slot[j] + j e and values + slot[j] + j e, in the cache slot of the row that wrote
+// them (the lineage; see decoder_step).
+void attend_rows(const float* q, const float* keys, const float* values, const int64_t* slot, int64_t n, int64_t e,
+                 float* scores, float* out) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(e));
-  for (int64_t j = 0; j < n; ++j) scores[j] = dot(q, keys + j * e, e) * scale;
+  for (int64_t j = 0; j < n; ++j) scores[j] = dot(q, keys + slot[j] + j * e, e) * scale;
   softmax(scores, n);
-  weighted_sum(scores, values, n, e, out);
+  std::fill(out, out + e, 0.0f);
+  int64_t c0 = 0;
+  for (; c0 + 16 <= e; c0 += 16) {
+    vf16 acc = vf16{};
+    for (int64_t j = 0; j < n; ++j) acc += splat(scores[j]) * load16(values + slot[j] + j * e + c0);
+    store16(out + c0, acc);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = values + slot[j] + j * e;
+    for (int64_t c = c0; c < e; ++c) out[c] += scores[j] * vj[c];
+  }
 }
 
 // Cross-attention of the g rows of one utterance (queries q, rows qs apart) to one head of its memory: keys
@@ -244,7 +239,8 @@ inline float activate(float v, int64_t kind) {
 at::Tensor decoder_step(const at::Tensor& x_in, const at::Tensor& position_t, int64_t length, at::Tensor kv,
                         const at::Tensor& weights, const at::Tensor& memory_kv,
                         const c10::optional<at::Tensor>& memory_mask, const c10::optional<at::Tensor>& memory_alive,
-                        int64_t heads, int64_t d_ff, double eps, int64_t activation, int64_t group) {
+                        at::Tensor lineage, int64_t heads, int64_t d_ff, double eps, int64_t activation,
+                        int64_t group) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_step: x must be (rows, d) float32");
   TORCH_CHECK(kv.dim() == 6 && kv.scalar_type() == at::kFloat && kv.is_contiguous(),
               "decoder_step: kv must be a contiguous (layers, 2, rows, heads, max_len, e) float32 tensor");
@@ -258,8 +254,17 @@ at::Tensor decoder_step(const at::Tensor& x_in, const at::Tensor& position_t, in
   const int64_t position = position_t.item<int64_t>();
   TORCH_CHECK(position >= 0 && position < m.max_len, "decoder_step: position ", position, " outside the cache of ",
               m.max_len);
-  const int64_t n_self = length > 0 ? length : position + 1;  // positions attended to (filled after this one)
-  TORCH_CHECK(n_self <= m.max_len && n_self > position, "decoder_step: length ", length, " for position ", position);
+  const int64_t n_self = position + 1;  // positions attended to: the hypothesis's so far and this one
+  TORCH_CHECK(length <= 0 || length == n_self, "decoder_step: length ", length, " for position ", position,
+              " (the positions filled after this step: ", n_self, ")");
+  TORCH_CHECK(lineage.scalar_type() == at::kLong && lineage.is_contiguous() && lineage.dim() == 2 &&
+                  lineage.size(0) == m.max_len && lineage.size(1) == m.rows,
+              "decoder_step: lineage must be a contiguous (max_len, rows) long tensor");
+  int64_t* line = lineage.data_ptr<int64_t>();
+  for (int64_t j = 0; j < position * m.rows; ++j) {  // the entries read: positions before this one
+    TORCH_CHECK(line[j] >= 0 && line[j] < m.rows, "decoder_step: lineage entry ", line[j], " is not a row");
+  }
+  for (int64_t r = 0; r < m.rows; ++r) line[position * m.rows + r] = r;  // this position: every row's own slot
   const bool cross = memory_kv.numel() > 0;
   const float* mk = nullptr;
   if (cross) {
@@ -314,14 +319,16 @@ at::Tensor decoder_step(const at::Tensor& x_in, const at::Tensor& position_t, in
     float* values = keys + s_kind;
     at::parallel_for(0, rows, kSerialRows, [&](int64_t first, int64_t last) {
       std::vector<float> scores(n_self);
+      std::vector<int64_t> slot(n_self);
       for (int64_t r = first; r < last; ++r) {
+        // Row r writes its own slot; the earlier positions of its hypothesis lie in the slots the lineage names.
+        for (int64_t j = 0; j <= position; ++j) slot[j] = line[j * rows + r] * s_row;
         for (int64_t a = 0; a < heads; ++a) {
           const float* q = qkv.data() + r * 3 * d + a * e;
-          float* kr = keys + r * s_row + a * s_head;
-          float* vr = values + r * s_row + a * s_head;
-          std::copy(q + d, q + d + e, kr + position * e);
-          std::copy(q + 2 * d, q + 2 * d + e, vr + position * e);
-          attend_rows(q, kr, vr, n_self, e, scores.data(), att.data() + r * d + a * e);
+          std::copy(q + d, q + d + e, keys + r * s_row + a * s_head + position * e);
+          std::copy(q + 2 * d, q + 2 * d + e, values + r * s_row + a * s_head + position * e);
+          attend_rows(q, keys + a * s_head, values + a * s_head, slot.data(), n_self, e, scores.data(),
+                      att.data() + r * d + a * e);
         }
       }
     });
@@ -372,7 +379,7 @@ at::Tensor decoder_step(const at::Tensor& x_in, const at::Tensor& position_t, in
 
 TORCH_LIBRARY_FRAGMENT(mmgen_cpu, m) {
   m.def("decoder_step(Tensor x, Tensor position, int length, Tensor(a!) kv, Tensor weights, Tensor memory_kv, "
-        "Tensor? memory_mask, Tensor? memory_alive, int heads, int d_ff, float eps, int activation, int group) "
-        "-> Tensor");
+        "Tensor? memory_mask, Tensor? memory_alive, Tensor(b!) lineage, int heads, int d_ff, float eps, "
+        "int activation, int group) -> Tensor");
   m.impl("decoder_step", c10::DispatchKey::CPU, TORCH_FN(decoder_step));
 }
