@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -40,12 +41,21 @@ def _build() -> None:
         digest.update(path.name.encode() + path.read_bytes())
     # -march=native: the library is built where it runs; the name keeps builds for other machines apart.
     # -fopenmp-simd: the `omp simd` loops (sums) may be vectorised, which reorders their additions.
-    # MMGEN_NATIVE_CFLAGS: more flags, for debugging (e.g. "-fsanitize=address", run under libasan).
+    # MMGEN_NATIVE_CFLAGS: more flags, for debugging (e.g. "-march=x86-64-v3 -g", to run under valgrind, which has no
+    # AVX-512).
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"] + os.environ.get("MMGEN_NATIVE_CFLAGS",
                                                                                          "").split()
     digest.update(f"{torch.__version__} {platform.machine()} {torch.backends.cpu.get_cpu_capability()} "
                   f"{flags}".encode())
-    load(name=f"mmgen_cpu_{digest.hexdigest()[:12]}", sources=[str(p) for p in sources], extra_cflags=flags,
+    name = f"mmgen_cpu_{digest.hexdigest()[:12]}"
+    try:  # say so when this machine builds them (seconds of silence otherwise); a private helper of torch's
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if not list(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
+            print("mmgen: building the C++ decoding kernels for this machine (once, about 30 s)", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - only the message depends on it
+        pass
+    load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,
          extra_ldflags=[f for f in flags if f.startswith("-fsanitize")], is_python_module=False, verbose=False)
 
 
