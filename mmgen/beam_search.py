@@ -146,6 +146,8 @@ class BeamSearch:
         self.fin_length = torch.zeros(b, k + 1, **long)
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self._bos = bos
+        self._graph: torch.cuda.CUDAGraph | None = None  # the captured step, kept for reuse (see reset)
         self.fused = triton_usable(device) if fused is None else fused
         self.native = use_native(native, device, self.fused)
         # The kernels' calls (else None: PyTorch): the bookkeeping, and with a CTC scorer of the same kind the joint
@@ -163,6 +165,22 @@ class BeamSearch:
             self._select = NativeBeamSelect(self)
             if ctc is not None and ctc.native:
                 self._joint = NativeJointScores(self)
+
+    def reset(self) -> None:
+        """Back to the start, in place (every state tensor keeps its address), for another search of the same shape
+        over a decoder state and CTC scorer refilled in place by the caller: a captured step is then replayed from the
+        first step on, with no eager step and no capture."""
+        self.position.zero_()
+        self.label.fill_(self._bos)
+        self.scores.fill_(NEG_INF)
+        self.scores[:, 0] = 0.0
+        self.node.zero_()
+        self.count.zero_()
+        self.fin_scores.fill_(NEG_INF)
+        self.fin_row.zero_()
+        self.fin_length.zero_()
+        self.settled.zero_()
+        self.done.zero_()
 
     def step(self, length: int | None) -> None:
         """One label for every hypothesis; ``length``: positions filled after it (eager) or None (fixed shapes)."""
@@ -237,7 +255,7 @@ class BeamSearch:
             warmup: int = 1) -> list[list[tuple[list[int], float]]]:
         """Search until every utterance is settled, every utterance has ``k`` finished hypotheses, or ``max_len``
         steps. ``graph`` (default: on CUDA) captures one step in a CUDA graph after ``warmup`` eager ones and
-        replays it. ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare
+        replays it; after :meth:`reset`, a search that captured one replays it from the first step. ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare
         the two). Returns each utterance's finished hypotheses (labels without bos/eos, score), in the order they
         finished; an utterance with fewer than ``k`` that is not settled also gets its live hypotheses as they stand.
         """
@@ -245,8 +263,8 @@ class BeamSearch:
         graph = device.type == "cuda" if graph is None else graph
         fixed_shapes = graph if fixed_shapes is None else fixed_shapes or graph
         steps = 0
-        captured = None
-        if graph:
+        captured = self._graph if graph else None
+        if graph and captured is None:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # eager warm-up steps on a side stream, as graph capture asks
@@ -255,7 +273,7 @@ class BeamSearch:
                     steps += 1
             torch.cuda.current_stream(device).wait_stream(side)
             if steps < self.max_len and not bool(self.done):
-                captured = torch.cuda.CUDAGraph()
+                captured = self._graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(captured):
                     self.step(None)  # recorded, not run
         if captured is None:

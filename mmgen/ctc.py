@@ -125,14 +125,11 @@ class CTCPrefixScorer:
 
     def __init__(self, log_probs: Tensor, lengths: Tensor, blank: int, eos: int, group: int = 1,
                  fused: bool | None = None, native: bool | None = None) -> None:
-        rows, t, v = log_probs.shape
-        pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
-        x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
-        x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == blank), 0.0)
-        # Label-major (rows, v, t): the sums over frames run along contiguous memory.
-        self.x = x.clamp_min(self.FLOOR).transpose(1, 2).contiguous()
         self.blank, self.eos, self.group = blank, eos, group
-        dev, dt = x.device, x.dtype
+        # Label-major (rows, v, t): the sums over frames run along contiguous memory.
+        self.x = self._frames(log_probs, lengths)
+        rows = self.x.shape[0]
+        dev, dt = self.x.device, self.x.dtype
         # Per row and frame f, log P of the alignments of g over frames 0..f ending in a blank, and ending in either.
         self.r_blank = self.x[:, blank].cumsum(dim=1)
         self.r_any = self.r_blank.clone()
@@ -148,6 +145,24 @@ class CTCPrefixScorer:
         self.native = use_native(native, dev, self.fused)
         if self.native:
             self._native = NativeCTCPrefix(self)
+
+    def _frames(self, log_probs: Tensor, lengths: Tensor) -> Tensor:
+        """(rows, t, v) log-probabilities -> (rows, v, t) float64, padded frames certain blanks, floored."""
+        rows, t, v = log_probs.shape
+        pad = torch.arange(t, device=log_probs.device)[None, :] >= lengths[:, None]  # shape: (rows, t)
+        x = log_probs.double().masked_fill(pad[:, :, None], NEG_INF)
+        x = x.masked_fill(pad[:, :, None] & (torch.arange(v, device=x.device) == self.blank), 0.0)
+        return x.clamp_min(self.FLOOR).transpose(1, 2).contiguous()
+
+    def refill(self, log_probs: Tensor, lengths: Tensor) -> None:
+        """Start again over new log-probabilities of the same shape, in place (every state tensor keeps its address,
+        so a captured search step replays over them)."""
+        self.x.copy_(self._frames(log_probs, lengths))
+        torch.cumsum(self.x[:, self.blank], dim=1, out=self.r_blank)
+        self.r_any.copy_(self.r_blank)
+        self.start.zero_()
+        self.last.fill_(-1)
+        self.prefix.zero_()
 
     def _shift(self, r: Tensor) -> Tensor:
         """r (rows, t) one frame later, with the start state before frame 0: the alignments a new label may follow."""

@@ -332,6 +332,23 @@ class FusedStepCache:
     def max_len(self) -> int:
         return self.kv.shape[4]
 
+    def refill(self, stack, memory: Tensor | None, memory_mask: Tensor | None) -> None:
+        """Start again over a new memory of the same shape (and a mask exactly where this cache has one), in place:
+        a captured step replays over it. The stack's weights must be the tensors this cache was built with."""
+        if (memory is None) != (self.memory is None):
+            raise ValueError("refill: a memory exactly where the cache was built with one")
+        if self.memory is not None:
+            b, t, _ = memory.shape
+            w = self.weights
+            kv = torch.nn.functional.linear(memory.float(), w["mem_w"], w.get("mem_b"))
+            self.memory.copy_(kv.view(b, t, self.layers, 2, self.heads, self.e).permute(2, 3, 0, 4, 1, 5))
+        padded = memory_mask is not None and not bool(memory_mask.all())
+        if padded != (self.memory_mask is not None):
+            raise ValueError("refill: padding exactly where the cache was built with it")
+        if padded:
+            self.memory_mask.copy_(memory_mask)
+        self.lineage.zero_()
+
     def reorder(self, index: Tensor, length: int | None = None) -> None:
         """Row ``i`` becomes old row ``index[i]``: only the lineage table moves, never the keys."""
         self.lineage.copy_(self.lineage.index_select(1, index))

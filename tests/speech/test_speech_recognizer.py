@@ -427,3 +427,45 @@ def test_lexicon_from_training_transcripts_travels_with_the_checkpoint(fsdd_item
     loaded = mmgen.load(tmp_path / "last.ckpt")
     assert loaded.hparams.lexicon == words
     assert set(loaded.transcribe([u.audio[0] for u in train[:3]])) <= set(words)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+def test_captured_searches_are_reused_for_inputs_of_the_same_shape(trained, fsdd_items) -> None:
+    """A GPU search of a shape seen before replays its captured step over its refilled decoder cache and CTC scorer:
+    two batches of one shape, each searched after the other has been, give the n-best lists and scores of fresh
+    searches; a different shape or new weights capture anew."""
+    model, _, _ = trained
+    units = pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))
+    feats = [model.source.encode(u.audio[0]) for u in units]
+    frames = min(len(f) for f in feats)
+    half = len(feats) // 2
+    model.cuda()
+    try:
+        with torch.inference_mode():
+            inputs = []
+            for part in (feats[:half], feats[half:2 * half]):  # same shape, other recordings
+                batch = model.source.collate([f[:frames] for f in part])
+                memory, mask = model.net.encode(batch.values.cuda(), batch.mask.cuda())
+                inputs.append((memory, mask, model.net.ctc_head(memory).float().log_softmax(-1)))
+            for joint in (False, True):
+                fresh = []
+                for memory, mask, lp in inputs:
+                    model._searches.clear()
+                    fresh.append(model._nbest(memory, mask, lp, 3, joint))
+                assert len(model._searches) == 1
+                for _ in range(2):  # each batch after the other: the kept search refilled
+                    for (memory, mask, lp), want in zip(inputs, fresh):
+                        assert_same_nbest([model._nbest(memory, mask, lp, 3, joint)], [want])
+                        assert len(model._searches) == 1
+            memory, mask, lp = inputs[0]
+            model._nbest(memory[:, :-4], mask[:, :-4], lp[:, :-4], 3, True)  # a new shape: a second search kept
+            assert len(model._searches) == 2
+        with torch.no_grad():
+            model.net.decoder.norm.weight.mul_(1.0)  # an in-place change: the weights' version moves
+        with torch.inference_mode():
+            model._nbest(memory, mask, lp, 3, True)
+        assert len(model._searches) == 3
+    finally:
+        model._searches.clear()
+        model.cpu()
