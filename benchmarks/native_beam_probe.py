@@ -7,7 +7,8 @@ At batch 1 and 8, beam 4, a vocabulary of 31, 250 CTC frames (rows of different 
 one step's joint scores (log_softmax, pre-beam, CTC prefix scores, weights), selection (the search's bookkeeping)
 and CTC advance, from the logits of a fixed random decoder (the decoder itself is not timed). Each round restores the
 state of a search 20 steps in and times ``--steps`` consecutive steps; each time is per step, the fastest and the
-median of the rounds (this shared CPU's timings move between rounds), with the median of each part.
+median of the rounds (this shared CPU's timings move between rounds), with the median of each part; and the aten
+operators one such step dispatches in PyTorch (``pytorch_operators_per_step``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmgen.beam_search import BeamSearch
 from mmgen.ctc import CTCPrefixScorer
@@ -62,6 +64,25 @@ def step_parts(search: BeamSearch, logits: torch.Tensor) -> tuple[float, float, 
     return t1 - t0, t2 - t1, t3 - t2
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(search: BeamSearch, logits: torch.Tensor) -> int:
+    """The aten operators one step without the decoder dispatches (on the search's current state, which it moves)."""
+    with CountOps() as counter:
+        step_parts(search, logits)
+    return counter.count
+
+
 def timed(search: BeamSearch, logits: torch.Tensor, rounds: int, steps: int) -> dict:
     saved = {name: getattr(search, name).clone() for name in SEARCH_STATE}
     saved_ctc = {name: getattr(search.ctc, name).clone() for name in CTC_STATE}
@@ -103,6 +124,7 @@ def main() -> None:
             row = {"batch": b, "rows": b * BEAM, "native": timed(native, logits, a.rounds, a.steps),
                    "pytorch": timed(reference, logits, a.rounds, a.steps)}
             row["speedup_median"] = round(row["pytorch"]["median_us"] / row["native"]["median_us"], 1)
+            row["pytorch_operators_per_step"] = operators_per_step(*make(b, False, 1))
             out["batches"].append(row)
             print(json.dumps(row), flush=True)
     with open(a.out, "w") as f:

@@ -117,6 +117,9 @@ class BeamSearch:
         self.decoder, self.reorder = decoder, reorder
         self.b, self.k, self.v, self.eos, self.max_len = batch, beam, vocab, eos, max_len
         self.ctc, self.lam, self.trie = ctc, ctc_weight, trie
+        if ctc is not None and ctc.x.shape[:2] != (batch * beam, vocab):
+            raise ValueError(f"CTC scorer of {ctc.x.shape[0]} rows and {ctc.x.shape[1]} labels for a search of "
+                             f"{batch * beam} rows and {vocab} labels")
         self.pre_beam = min(vocab, max(beam + 1, pre_beam or beam))
         b, k, rows = batch, beam, batch * beam
         long = dict(dtype=torch.long, device=device)
@@ -128,25 +131,25 @@ class BeamSearch:
         self.base = torch.arange(b, **long)[:, None] * k  # shape: (b, 1); each utterance's first row
         self.first_k = torch.arange(2 * k, **long)[None, :] < k  # the best k of 2k candidates
         self.rank = torch.arange(2 * k, **long)[None, :].expand(b, -1)
-        # State, all updated in place.
+        # State, all updated in place (its values at the start: reset).
         self.position = torch.zeros(1, **long)  # the position of the labels being fed (= steps taken)
-        self.label = torch.full((rows,), bos, **long)  # each hypothesis's last label, fed to the next step
+        self.label = torch.zeros(rows, **long)  # each hypothesis's last label, fed to the next step
         # Step s gave row i label[s, i] after the hypothesis of row parent[s, i]: hypotheses are traced back from
         # these at the end, so no step copies whole label sequences.
         self.history_label = torch.zeros(max_len, rows, **long)
         self.history_parent = torch.zeros(max_len, rows, **long)
         # Scores in float64: they are sums over many steps, and the CTC prefix scores are float64.
-        self.scores = torch.full((b, k), NEG_INF, dtype=torch.float64, device=device)
-        self.scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
+        self.scores = torch.zeros(b, k, dtype=torch.float64, device=device)
         self.node = torch.zeros(rows, **long)  # each hypothesis's place in the lexicon trie
         # Finished hypotheses: k slots per utterance and a spare one that takes the writes that are not kept.
         self.count = torch.zeros(b, **long)
-        self.fin_scores = torch.full((b, k + 1), NEG_INF, dtype=torch.float64, device=device)
+        self.fin_scores = torch.zeros(b, k + 1, dtype=torch.float64, device=device)
         self.fin_row = torch.zeros(b, k + 1, **long)  # the row whose hypothesis (up to fin_length) ended
         self.fin_length = torch.zeros(b, k + 1, **long)
         self.settled = torch.zeros(b, dtype=torch.bool, device=device)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self._bos = bos
+        self.reset()  # the values at the start
         self._graph: torch.cuda.CUDAGraph | None = None  # the captured step, kept for reuse (see reset)
         self.fused = triton_usable(device) if fused is None else fused
         self.native = use_native(native, device, self.fused)
@@ -167,13 +170,13 @@ class BeamSearch:
                 self._joint = NativeJointScores(self)
 
     def reset(self) -> None:
-        """Back to the start, in place (every state tensor keeps its address), for another search of the same shape
-        over a decoder state and CTC scorer refilled in place by the caller: a captured step is then replayed from the
-        first step on, with no eager step and no capture."""
+        """The state at the start, in place (every state tensor keeps its address): also for another search of the
+        same shape over a decoder state and CTC scorer refilled in place by the caller, where a captured step is then
+        replayed from the first step on, with no eager step and no capture."""
         self.position.zero_()
         self.label.fill_(self._bos)
         self.scores.fill_(NEG_INF)
-        self.scores[:, 0] = 0.0
+        self.scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
         self.node.zero_()
         self.count.zero_()
         self.fin_scores.fill_(NEG_INF)
@@ -255,8 +258,8 @@ class BeamSearch:
             warmup: int = 1) -> list[list[tuple[list[int], float]]]:
         """Search until every utterance is settled, every utterance has ``k`` finished hypotheses, or ``max_len``
         steps. ``graph`` (default: on CUDA) captures one step in a CUDA graph after ``warmup`` eager ones and
-        replays it; after :meth:`reset`, a search that captured one replays it from the first step. ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare
-        the two). Returns each utterance's finished hypotheses (labels without bos/eos, score), in the order they
+        replays it; after :meth:`reset`, a search that captured one replays it from the first step.
+        ``fixed_shapes`` (default: with a graph) runs steps in fixed shapes without one (tests compare the two). Returns each utterance's finished hypotheses (labels without bos/eos, score), in the order they
         finished; an utterance with fewer than ``k`` that is not settled also gets its live hypotheses as they stand.
         """
         device = self.label.device

@@ -128,15 +128,18 @@ class CTCPrefixScorer:
         self.blank, self.eos, self.group = blank, eos, group
         # Label-major (rows, v, t): the sums over frames run along contiguous memory.
         self.x = self._frames(log_probs, lengths)
-        rows = self.x.shape[0]
+        rows, _, t = self.x.shape
+        if rows % group:
+            raise ValueError(f"rows={rows} must be a multiple of group={group}")
         dev, dt = self.x.device, self.x.dtype
-        # Per row and frame f, log P of the alignments of g over frames 0..f ending in a blank, and ending in either.
-        self.r_blank = self.x[:, blank].cumsum(dim=1)
-        self.r_any = self.r_blank.clone()
-        # Before frame 0 only the empty prefix has been emitted: log 1 while g is empty, log 0 after.
-        self.start = torch.zeros(rows, dtype=dt, device=dev)
-        self.last = torch.full((rows,), -1, dtype=torch.long, device=dev)  # g's last label (-1: g is empty)
-        self.prefix = torch.zeros(rows, dtype=dt, device=dev)  # log P_ctc(g ...)
+        # The state (values at the start: _start_over), every tensor contiguous, updated in place. Per row and frame
+        # f, log P of the alignments of g over frames 0..f ending in a blank, and ending in either:
+        self.r_blank = torch.empty(rows, t, dtype=dt, device=dev)
+        self.r_any = torch.empty(rows, t, dtype=dt, device=dev)
+        self.start = torch.empty(rows, dtype=dt, device=dev)  # log P of the prefix emitted before frame 0
+        self.last = torch.empty(rows, dtype=torch.long, device=dev)  # g's last label (-1: g is empty)
+        self.prefix = torch.empty(rows, dtype=dt, device=dev)  # log P_ctc(g ...)
+        self._start_over()
         self.fused = triton_usable(dev) if fused is None else fused
         if self.fused:
             from mmgen.kernels.ctc_prefix import FusedCTCPrefix  # imports Triton: only when asked for
@@ -158,6 +161,10 @@ class CTCPrefixScorer:
         """Start again over new log-probabilities of the same shape, in place (every state tensor keeps its address,
         so a captured search step replays over them)."""
         self.x.copy_(self._frames(log_probs, lengths))
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """The state of the empty hypothesis: only blanks so far; before frame 0, log 1 (the empty prefix)."""
         torch.cumsum(self.x[:, self.blank], dim=1, out=self.r_blank)
         self.r_any.copy_(self.r_blank)
         self.start.zero_()

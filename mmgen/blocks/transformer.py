@@ -146,7 +146,7 @@ class StepCache:
 
     ``kv`` is (layers, 2, rows, h, max_len, e). The memory is per utterance, (b, h, t, e), shared by the ``group``
     consecutive rows of each (the beams of a beam search). ``linears`` holds each layer's projections by name
-    (``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc``, ``proj``).
+    (``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc``, ``proj``); none when ``native`` runs the step.
     """
 
     def __init__(self, kv: Tensor, memory_kv: list[tuple[Tensor, Tensor]], memory_mask: Tensor | None,
@@ -279,9 +279,12 @@ class TransformerStack(nn.Module):
             return FusedStepCache(self, rows, max_len, memory, memory_mask, torch.float32)
         kv = torch.zeros(len(self.blocks), 2, rows, first.num_heads, max_len, first.d_head_qk, device=ref.device,
                          dtype=dtype)
+        if native is None:
+            native = (ref.device.type == "cpu" and dtype == torch.float32 and not autocast
+                      and native_decoder_unsupported(self, memory is not None) is None and native_usable())
         transposed = ref.is_cuda and rows > 8 if transposed is None else transposed
         linears = []
-        for block in self.blocks:
+        for block in self.blocks if not native else ():  # the C++ step reads its own packed weights
             a, c, ff = block.self_attn, block.cross_attn, block.ff
             layer = {"qkv": StepLinear.of(a.q_proj, a.k_proj, a.v_proj, transposed=transposed),
                      "out": StepLinear.of(a.out_proj, transposed=transposed),
@@ -305,12 +308,8 @@ class TransformerStack(nn.Module):
                 mask = (memory_mask | ~alive[:, None])[:, None, None, :]  # shape: (b, 1, 1, t)
                 alive = None if bool(alive.all()) else alive.repeat_interleave(group)[:, None].to(ref.dtype)
         cache = StepCache(kv, memory_kv, mask, alive, linears, group)
-        if native is None:
-            native = (ref.device.type == "cpu" and dtype == torch.float32 and not autocast
-                      and native_decoder_unsupported(self, memory is not None) is None and native_usable())
         if native:
-            cache.native = NativeDecoder(self, memory_kv)
-            cache.native.start(rows, max_len)
+            cache.native = NativeDecoder(self, memory_kv, rows, max_len)
         return cache
 
     def step(self, x: Tensor, position: Tensor, cache: StepCache, length: int | None = None) -> Tensor:

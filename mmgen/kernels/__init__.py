@@ -9,10 +9,15 @@ tests compare the two; on a machine without a GPU the tests run the kernels in T
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
+from torch import nn
 
-__all__ = ["interpreted", "pow2", "triton_usable"]
+T = TypeVar("T")
+
+__all__ = ["interpreted", "per_weights", "pow2", "triton_usable", "weights_key"]
 
 
 def triton_usable(device: torch.device | str) -> bool:
@@ -35,3 +40,22 @@ def interpreted() -> bool:
 def pow2(n: int, least: int = 1) -> int:
     """The smallest power of two at least ``n`` and ``least``: a Triton block size (tiles are powers of 2)."""
     return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+def weights_key(params: Iterable[torch.Tensor]) -> tuple:
+    """What changes when a parameter does: each one's identity, address and version counter (an optimiser step moves
+    the counter, ``.to()`` the address). Inference tensors (a model built under ``inference_mode``) keep no counter;
+    they change in place only under ``inference_mode``, which training does not use."""
+    return tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version) for p in params)
+
+
+def per_weights(module: nn.Module, name: str, build: Callable[[nn.Module], T]) -> T:
+    """``build(module)``, kept on the module as ``name`` until one of its parameters changes (:func:`weights_key`):
+    what a kernel derives from the weights (stacked, packed, transposed) is built once, not per search."""
+    key = weights_key(module.parameters())
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build(module))
+        module.__dict__[name] = cached
+    return cached[1]

@@ -372,13 +372,8 @@ class FusedCTCPrefix:
     writes the same memory (CUDA graphs)."""
 
     def __init__(self, scorer: CTCPrefixScorer) -> None:
-        s = scorer
+        s = scorer  # its state is contiguous and its rows a multiple of its group (CTCPrefixScorer makes sure)
         rows, v, t = s.x.shape
-        for name in ("x", "r_blank", "r_any", "start", "last", "prefix"):
-            if not getattr(s, name).is_contiguous():
-                raise ValueError(f"fused CTC prefix scorer: state {name} must be contiguous")
-        if rows % s.group:
-            raise ValueError(f"rows={rows} must be a multiple of group={s.group}")
         self.scorer, self.rows, self.v, self.t = s, rows, v, t
         dev = s.x.device
         self.psi = torch.empty(rows, v, dtype=torch.float64, device=dev)
@@ -452,13 +447,10 @@ class FusedJointScores:
     """
 
     def __init__(self, search: BeamSearch) -> None:
-        ctc = search.ctc
+        ctc = search.ctc  # of the search's rows and labels (BeamSearch makes sure)
         if ctc is None or not ctc.fused:
             raise ValueError("fused joint scores: the search needs a fused CTC scorer")
         rows, v, t = ctc.x.shape
-        if rows != search.b * search.k or v != search.v:
-            raise ValueError(f"CTC scorer of {rows} rows and {v} labels for a search of {search.b * search.k} rows "
-                             f"and {search.v} labels")
         self.search, self.ctc = search, ctc
         dev = ctc.x.device
         self.psi = ctc._fused.psi

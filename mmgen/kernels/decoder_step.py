@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmgen.kernels import interpreted, pow2
+from mmgen.kernels import interpreted, per_weights, pow2
 
 import triton
 import triton.language as tl
@@ -248,13 +248,12 @@ def _stack(tensors: list[Tensor | None]) -> Tensor | None:
 
 
 def _weights(stack) -> dict[str, Tensor | None]:
-    """The stack's weights stacked over layers (float32), kept on the stack until a parameter changes (its version
-    counter moves, or it is replaced)."""
-    params = list(stack.parameters())
-    key = tuple((id(p), p._version, p.data_ptr(), p.device, p.dtype) for p in params)
-    cached = getattr(stack, "_fused_step_weights", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """The stack's weights stacked over layers (float32), kept on the stack until a parameter changes
+    (:func:`mmgen.kernels.per_weights`)."""
+    return per_weights(stack, "_fused_step_weights", _stacked_weights)
+
+
+def _stacked_weights(stack) -> dict[str, Tensor | None]:
     blocks = list(stack.blocks)
     a = [blk.self_attn for blk in blocks]
     w = {"ln1_w": _stack([blk.norm1.weight for blk in blocks]), "ln1_b": _stack([blk.norm1.bias for blk in blocks]),
@@ -276,7 +275,6 @@ def _weights(stack) -> dict[str, Tensor | None]:
                   "mem_w": torch.cat([t.detach().float() for x in c for t in (x.k_proj.weight, x.v_proj.weight)]),
                   "mem_b": None if c[0].k_proj.bias is None else
                   torch.cat([t.detach().float() for x in c for t in (x.k_proj.bias, x.v_proj.bias)])})
-    stack._fused_step_weights = (key, w)
     return w
 
 
@@ -308,9 +306,7 @@ class FusedStepCache:
                 raise ValueError(f"rows={rows} must be a multiple of the memory's batch {memory.shape[0]}")
             b, t, _ = memory.shape
             self.group = rows // b
-            # Every layer's memory keys and values in one product: (b, t, layers * 2 * d) -> (layers, 2, b, h, t, e).
-            kv = torch.nn.functional.linear(memory.float(), w["mem_w"], w.get("mem_b"))
-            self.memory = kv.view(b, t, self.layers, 2, self.heads, self.e).permute(2, 3, 0, 4, 1, 5).contiguous()
+            self.memory = self._memory_kv(memory, w).contiguous()
             self.mem_len = t
             if memory_mask is not None and not bool(memory_mask.all()):
                 self.memory_mask = memory_mask.to(torch.int8).contiguous()
@@ -332,16 +328,19 @@ class FusedStepCache:
     def max_len(self) -> int:
         return self.kv.shape[4]
 
-    def refill(self, stack, memory: Tensor | None, memory_mask: Tensor | None) -> None:
+    def _memory_kv(self, memory: Tensor, w: dict[str, Tensor | None]) -> Tensor:
+        """Every layer's memory keys and values in one product: (b, t, layers * 2 * d) -> (layers, 2, b, h, t, e)."""
+        b, t, _ = memory.shape
+        kv = torch.nn.functional.linear(memory.float(), w["mem_w"], w.get("mem_b"))
+        return kv.view(b, t, self.layers, 2, self.heads, self.e).permute(2, 3, 0, 4, 1, 5)
+
+    def refill(self, memory: Tensor | None, memory_mask: Tensor | None) -> None:
         """Start again over a new memory of the same shape (and a mask exactly where this cache has one), in place:
-        a captured step replays over it. The stack's weights must be the tensors this cache was built with."""
+        a captured step replays over it, with the weights this cache was built with."""
         if (memory is None) != (self.memory is None):
             raise ValueError("refill: a memory exactly where the cache was built with one")
         if self.memory is not None:
-            b, t, _ = memory.shape
-            w = self.weights
-            kv = torch.nn.functional.linear(memory.float(), w["mem_w"], w.get("mem_b"))
-            self.memory.copy_(kv.view(b, t, self.layers, 2, self.heads, self.e).permute(2, 3, 0, 4, 1, 5))
+            self.memory.copy_(self._memory_kv(memory, self.weights))
         padded = memory_mask is not None and not bool(memory_mask.all())
         if padded != (self.memory_mask is not None):
             raise ValueError("refill: padding exactly where the cache was built with it")

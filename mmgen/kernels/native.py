@@ -3,9 +3,9 @@
 On a GPU a decoding step is replayed as a CUDA graph of a few Triton kernels. On the CPU there is no such replay: a
 beam step in PyTorch is a few hundred tiny operators, each costing microseconds of dispatch whatever its size, so a
 batch-1 step of a 4-layer decoder took 1.4–2.1 ms of which its matrix products were 0.4 ms, and the joint search's
-other work (149 operators) 0.7–0.85 ms more (``benchmarks/asr_cpu_step_probe.py``,
-``benchmarks/native_beam_probe.py``); ``torch.compile`` of the step gave no gain. The kernels under ``csrc/`` do the same
-steps as plain loops over the tensors' memory. Written by hand for the same reason as the Triton ones: no maintained
+other work (140 operators) 0.5 ms more (``benchmarks/asr_cpu_step_probe.py``,
+``benchmarks/native_beam_probe.py``); ``torch.compile`` of the step gave no gain. The kernels under ``csrc/`` do the
+same steps as plain loops over the tensors' memory. Written by hand for the same reason as the Triton ones: no maintained
 library runs a whole decoder step with a beam's cache, or a joint CTC/attention beam step. Each has a PyTorch
 reference (the code it replaces), and tests compare the two.
 

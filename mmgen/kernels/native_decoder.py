@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from mmgen.kernels import per_weights
 from mmgen.kernels.native import native_ops
 
 if TYPE_CHECKING:
@@ -91,20 +92,12 @@ class NativeDecoder:
     the same tensors, unchanged) and the memory's keys and values ``memory_kv`` (layers, 2, b, h, t, e), each key
     block (an utterance's head) stored transposed, (e, t)."""
 
-    def __init__(self, stack: TransformerStack, memory_kv: list[tuple[Tensor, Tensor] | None]) -> None:
+    def __init__(self, stack: TransformerStack, memory_kv: list[tuple[Tensor, Tensor] | None], rows: int,
+                 max_len: int) -> None:
         reason = native_decoder_unsupported(stack, bool(memory_kv))
         if reason is not None:
             raise ValueError(f"the C++ decoder step cannot run this stack: {reason}")
-        params = list(stack.parameters())
-        # Inference tensors (a model built under inference_mode) keep no version counter; they can change in place
-        # only under inference_mode, which training does not use.
-        key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in params)
-        packed = getattr(stack, "_native_pack", None)
-        if packed is None or packed[0] != key:
-            with torch.no_grad():
-                packed = (key, _pack(stack))
-            stack._native_pack = packed
-        self.weights = packed[1]
+        self.weights = per_weights(stack, "_native_pack", _pack)
         first = stack.blocks[0]
         self.heads = first.self_attn.num_heads
         self.d_ff = first.ff.fc.out_features
@@ -113,12 +106,9 @@ class NativeDecoder:
         # Keys transposed within each (utterance, head): the C++ loop scores all frames as sums of key rows.
         kv = [torch.stack([k.transpose(-2, -1).reshape(k.shape), v]) for k, v in (p for p in memory_kv if p)]
         self.memory_kv = torch.stack(kv).contiguous() if kv else self.weights.new_zeros(0)
-        self.ops = native_ops()
-        self.lineage: Tensor | None = None  # set by start(): (max_len, rows), the row whose slot holds each entry
-
-    def start(self, rows: int, max_len: int) -> None:
-        """A fresh lineage for a cache of ``rows`` rows and ``max_len`` positions: every row holds its own entries."""
+        # (max_len, rows): the row whose slot holds each hypothesis's entry for each position; each its own at first.
         self.lineage = torch.arange(rows).expand(max_len, rows).contiguous()
+        self.ops = native_ops()
 
     def reorder(self, index: Tensor, length: int | None) -> None:
         """Hypothesis ``i`` becomes old hypothesis ``index[i]``: only the lineage of the first ``length`` positions

@@ -25,6 +25,7 @@ from mmgen.beam_search import BeamSearch, lexicon_trie
 from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerStack, sinusoidal_positions
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.graphs import PaddedGraphs, capturing
+from mmgen.kernels import weights_key
 from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
@@ -434,21 +435,20 @@ class SpeechRecognizer(L.LightningModule):
         # On a GPU, a search of a shape seen before is reused: its decoder cache and CTC scorer are refilled in place
         # and its captured step replayed from the first, which saves building the search, an eager step and the
         # capture (~5 ms of a 45 ms batch-8 transcription of 10 s clips on the H100). Keyed on everything that fixes
-        # the captured work, the weights' versions included (a training step or a move makes a new one; inference
-        # tensors keep no version, and change in place only under inference_mode).
+        # the captured work, the weights' versions included (a training step or a move makes a new one).
         lengths = mask.sum(dim=1)
         max_len = min(self.hparams.max_target_length, int(lengths.max()) + 1)
         params = [*self.net.decoder.parameters(), *self.net.embed.parameters(), *self.net.head.parameters()]
         key = (tuple(memory.shape), str(memory.device), memory.dtype, k, joint, max_len, bool(mask.all()),
                self.fused_decoding, self.hparams.ctc_rescore_weight, id(self._lexicon_trie(memory.device)),
-               tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in params))
+               weights_key(params))
         entry = self._searches.pop(key, None)  # popped: put back last, the most recently used
         if entry is None:
             search, cache = self._beam_search(memory, mask, ctc_log_probs, k, joint, with_cache=True)
         else:
             search, cache = entry
             search.reset()
-            cache.refill(self.net.decoder, memory, mask)
+            cache.refill(memory, mask)
             if search.ctc is not None:
                 search.ctc.refill(ctc_log_probs.repeat_interleave(k, dim=0), lengths.repeat_interleave(k))
         out = search.run(graph=True)

@@ -2,9 +2,10 @@
 //
 // The reference is TransformerStack.step (mmgen/blocks/transformer.py) with its StepCache: every layer's
 // self-attention keys and values in one buffer kv (layers, 2, rows, heads, max_len, e), the memory's keys and values
-// per layer (layers, 2, b, heads, t, e) shared by the `group` consecutive rows of each utterance, and the weights
-// packed by mmgen.kernels.native_decoder.pack_decoder in the order read below (matrices transposed, in x out, so a
-// product is a sum of rows scaled by the input: each weight row is read once per step whatever the number of rows).
+// per layer (layers, 2, b, heads, t, e; each key block stored transposed, (e, t)) shared by the `group` consecutive
+// rows of each utterance, and the weights packed by mmgen.kernels.native_decoder._pack in the order read below
+// (matrices transposed, in x out, so a product is a sum of rows scaled by the input: each weight row is read once
+// per step whatever the number of rows).
 // A few rows make every product memory-bound on its weights, and every other operation a few hundred multiply-adds,
 // which is why a step in PyTorch costs its operators' dispatch rather than their arithmetic.
 //
