@@ -107,7 +107,7 @@ def main() -> None:
                        "reference_rtf": timed(lambda: ref(wave, lengths), a.repeats) / audio}
 
                 def recognise(decoding: str) -> None:
-                    feats = model.source.collate([model.source.features(w) for w in wave])  # log-mel where the model is
+                    feats = model.source.encode_batch(list(wave))  # one log-mel computation, where the model is
                     model.recognize(feats, decoding)
 
                 model.hparams.max_target_length = row["output_chars"] = round(a.chars_per_second * seconds)

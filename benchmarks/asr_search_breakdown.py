@@ -86,7 +86,7 @@ def main() -> None:
                         clock.times = {}
                     steps["n"] = 0
                     clock.start()
-                    feats = model.source.collate([model.source.features(w) for w in wave])
+                    feats = model.source.encode_batch(list(wave))
                     values, mask = feats.values.cuda(), feats.mask.cuda()
                     clock.lap("features")
                     if a.encoder == "graph":

@@ -44,7 +44,7 @@ def main() -> None:
     with torch.inference_mode():
         for seconds, batch in ((10.0, 1), (10.0, 8), (1.0, 8)):
             wave = torch.randn(batch, int(seconds * 16000), device="cuda") * 0.1
-            feats = model.source.collate([model.source.features(w) for w in wave])
+            feats = model.source.encode_batch(list(wave))
             memory, mask = model.net.encode(feats.values.cuda(), feats.mask.cuda())
             lp = model.net.ctc_head(memory).float().log_softmax(-1)
             for joint, fused in ((j, f) for j in (False, True) for f in {"on": (True,), "off": (False,),

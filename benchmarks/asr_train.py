@@ -54,7 +54,14 @@ def run_job(job: dict) -> dict:
     dm = fit.datamodule
     test = cli_main(["test", *args, "--trainer.default_root_dir", job["root"] + "/test", "--ckpt_path", ckpt])
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test_")}
-    metrics.update(every_decoding(ckpt, test.datamodule))
+    import mmgen
+
+    model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    metrics.update(every_decoding(model, test.datamodule))
+    if job["split"].startswith("speaker:") and job["warp_grid"]:
+        metrics["warp_adaptation"] = warp_adaptation(model, test.datamodule, job["warp_grid"])
+    if job["split"].startswith("speaker:") and job["entropy"]:
+        metrics["entropy_adaptation"] = entropy_adaptation(model, test.datamodule, ENTROPY_GRID)
     score = monitored.best_model_score
     return {"split": job["split"], "seed": job["seed"], **metrics, "tested": job["test_ckpt"],
             "best_val": None if score is None else float(score), "best_path": Path(monitored.best_model_path).name,
@@ -64,18 +71,14 @@ def run_job(job: dict) -> dict:
             "train_utterances": len(dm._datasets["train"]), "test_utterances": len(test.datamodule._datasets["test"])}
 
 
-def every_decoding(ckpt: str, dm) -> dict:
+def every_decoding(model, dm) -> dict:
     """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's.
     ``attention``/``joint`` use the checkpoint's lexicon setting, ``_lexicon`` holds them to the words of the training
     transcripts, ``_free`` lets them spell freely."""
     from collections import Counter
 
-    import torch
     from torchmetrics.functional.text import word_error_rate
 
-    import mmgen
-
-    model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     own_lexicon = model.hparams.lexicon
     words = dm.training_words()
     # name -> (search, lexicon); names whose setting equals another's share its transcripts (decoded once).
@@ -105,6 +108,110 @@ def every_decoding(ckpt: str, dm) -> dict:
             "frequent_errors": frequent(model.hparams.decoding), "frequent_errors_joint_lexicon": frequent("joint_lexicon")}
 
 
+WARP_GRID = [round(0.8 + 0.025 * i, 3) for i in range(17)]  # 0.800, 0.825, ..., 1.200
+
+
+def warp_adaptation(model, dm, grid: list[float]) -> dict:
+    """Test-time vocal-tract-length normalisation, measured on a held-out speaker: every test utterance is decoded
+    (the recipe's decoding) with its log-mel frequency axis warped by each factor of ``grid``, and the model's
+    own confidence picks a factor without looking at the transcripts. Confidence is the mean over an utterance's
+    real encoder frames of the CTC head's largest log-probability. ``speaker``: one factor for all of the speaker's
+    files (the highest mean confidence); ``utterance``: each file its own. ``by_factor`` gives the WER at every
+    factor (``oracle``: the best of them, which does look at the transcripts)."""
+    import torch
+    from mmgen_audio import FrequencyWarp
+    from torchmetrics.functional.text import word_error_rate
+
+    from mmgen.modality import Batch
+
+    src = model.source
+    warp = FrequencyWarp(src.n_mels, src.f_min, src.f_max or src.sample_rate / 2, 0.0).to(model.device)
+    refs: list[str] = []
+    hyps: dict[float, list[str]] = {a: [] for a in grid}
+    conf: dict[float, list[float]] = {a: [] for a in grid}
+    start = time.time()
+    for batch in dm.test_dataloader():
+        refs += batch["text"]
+        values, mask = batch["source"].values.to(model.device), batch["source"].mask.to(model.device)
+        for a in grid:  # alpha inner: every factor reuses the batch's captured search
+            warped = warp(values, a) if a != 1.0 else values
+            with torch.inference_mode():
+                model.net.eval()
+                _, enc_mask, log_probs = model._encode_for_decoding(warped, mask)
+                best = log_probs.max(dim=-1).values * enc_mask
+                conf[a] += (best.sum(dim=1) / enc_mask.sum(dim=1)).tolist()
+            hyps[a] += model.recognize(Batch(warped, mask))
+    by_factor = {a: float(word_error_rate(hyps[a], refs)) for a in grid}
+    mean_conf = {a: sum(c) / len(c) for a, c in conf.items()}
+    speaker = max(grid, key=lambda a: mean_conf[a])
+    per_utt = [max(grid, key=lambda a: conf[a][i]) for i in range(len(refs))]
+    utt_hyps = [hyps[a][i] for i, a in enumerate(per_utt)]
+    return {"unwarped_wer": by_factor.get(1.0), "speaker_factor": speaker, "speaker_wer": by_factor[speaker],
+            "utterance_wer": float(word_error_rate(utt_hyps, refs)),
+            "utterance_factors_mean": sum(per_utt) / len(per_utt),
+            "oracle_factor": min(grid, key=lambda a: by_factor[a]), "oracle_wer": min(by_factor.values()),
+            "by_factor": by_factor, "confidence_by_factor": mean_conf, "seconds": round(time.time() - start, 1)}
+
+
+ENTROPY_GRID = [(lr, epochs) for lr in (1e-3, 3e-3, 1e-2) for epochs in (1, 3)]
+
+
+def entropy_adaptation(model, dm, grid: list[tuple[float, int]]) -> dict:
+    """Test-time entropy minimisation (TENT, Wang et al. 2021; SUTA, Lin et al. 2022, for CTC), measured on a
+    held-out speaker: the encoder's LayerNorm scales and shifts alone are trained, without transcripts, to lower the
+    entropy of the CTC head's distributions on the frames whose most likely label is not blank, over the speaker's
+    test batches (AdamW at ``lr`` for ``epochs`` passes, eval mode), then every test utterance is decoded (the
+    recipe's decoding). Each setting starts again from the trained weights, which are restored at the end."""
+    import torch
+    from torch import nn
+    from torchmetrics.functional.text import word_error_rate
+
+    from mmgen.modality import Batch
+
+    norms = [m for m in model.net.encoder.modules() if isinstance(m, nn.LayerNorm)]
+    params = [p for m in norms for p in m.parameters()]
+    saved = [p.detach().clone() for p in params]
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    batches = [(b["source"].values.to(model.device), b["source"].mask.to(model.device), b["text"])
+               for b in dm.test_dataloader()]
+    refs = [t for _, _, text in batches for t in text]
+    out = {}
+    start = time.time()
+    try:
+        for lr, epochs in grid:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            model.net.eval()
+            losses = []
+            for _ in range(epochs):
+                for values, mask, _ in batches:
+                    memory, enc_mask = model.net.encode(values, mask)
+                    log_probs = model.net.ctc_head(memory).float().log_softmax(dim=-1)
+                    keep = enc_mask & (log_probs.argmax(dim=-1) != model.blank_id)
+                    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+                    loss = (entropy * keep).sum() / keep.sum().clamp_min(1)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss))
+            hyps = [h for values, mask, _ in batches for h in model.recognize(Batch(values, mask))]
+            out[f"lr={lr:g},epochs={epochs}"] = {"wer": float(word_error_rate(hyps, refs)),
+                                                "entropy_first": losses[0], "entropy_last": losses[-1]}
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    return {"by_setting": out, "seconds": round(time.time() - start, 1)}
+
+
 def launch(job: dict) -> dict:
     out = Path(job["root"]) / "result.json"
     log = Path(job["root"]) / "log.txt"
@@ -131,6 +238,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="CPU threads per job; default the cores divided by --parallel")
     p.add_argument("--test-ckpt", choices=["last", "best"], default="last",
                    help="test the last checkpoint (default) or the best by the recipe's validation metric")
+    p.add_argument("--warp-grid", type=float, nargs="*", default=WARP_GRID,
+                   help="warp factors of the test-time adaptation measured on held-out speakers (none: skip it)")
+    p.add_argument("--entropy-adaptation", action="store_true",
+                   help="also measure test-time entropy minimisation on held-out speakers (ENTROPY_GRID)")
     p.add_argument("--out", required=True)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="further CLI overrides for every job (after --)")
@@ -142,6 +253,7 @@ def main() -> None:
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.parallel)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads, "test_ckpt": a.test_ckpt,
+                 "warp_grid": a.warp_grid, "entropy": a.entropy_adaptation,
                  "extra": [*a.extra, *shlex.split(per_split.get(s, ""))],
                  "root": f"{tmp}/{s.replace(':', '_')}_{seed}"} for s in a.splits for seed in a.seeds]
         start = time.time()
@@ -163,6 +275,12 @@ def main() -> None:
     speakers = [s for s in a.splits if s.startswith("speaker:")]
     if speakers:
         summary["held_out_speaker_mean_wer"] = statistics.mean(summary[s]["mean_test_wer"] for s in speakers)
+        adapted = [r for r in runs if "warp_adaptation" in r]
+        for way in ("unwarped", "speaker", "utterance", "oracle"):
+            if adapted and (way != "unwarped" or 1.0 in a.warp_grid):  # mean over speakers of the mean over seeds
+                per = [statistics.mean(r["warp_adaptation"][f"{way}_wer"] for r in adapted if r["split"] == s)
+                       for s in speakers]
+                summary[f"held_out_speaker_mean_wer_warp_{way}"] = statistics.mean(per)
     result = {"benchmark": "asr_train", "config": a.config, "overrides": a.extra, "split_args": per_split,
               "seeds": a.seeds, "parallel": a.parallel, "host": platform.node(), "device": _device(),
               "wall_s": round(wall, 1), "summary": summary, "runs": runs}

@@ -220,3 +220,15 @@ class AudioModality(Modality):
         lengths = torch.tensor([len(f) for f in features])
         mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]
         return Batch(values, mask)
+
+    def encode_batch(self, waves: Sequence[Tensor], names: Sequence[str] | None = None) -> Batch:
+        """Mono waveforms (n_i,) at ``spec.sample_rate`` -> one padded :class:`Batch` of features, each as
+        :meth:`encode` gives it alone (to rounding), on the waveforms' device; ``names`` (file names) label errors.
+        This default encodes one waveform at a time; a plugin may override it with one batched computation."""
+        out = []
+        for i, wave in enumerate(waves):
+            try:
+                out.append(self.encode((wave, self.spec.sample_rate)))
+            except AudioFileError as exc:
+                raise AudioFileError(f"audio file {names[i]}: {exc}" if names else str(exc)) from None
+        return self.collate(out)

@@ -26,7 +26,7 @@ from mmgen.blocks import ConformerStack, DecoderCache, StepCache, TransformerSta
 from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.graphs import PaddedGraphs, capturing
 from mmgen.kernels import weights_key
-from mmgen.modality import AudioFileError, AudioModality, Batch, Modality, TextModality, VocabularyError
+from mmgen.modality import AudioModality, Batch, Modality, TextModality, VocabularyError
 from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
 
 if TYPE_CHECKING:
@@ -503,21 +503,16 @@ class SpeechRecognizer(L.LightningModule):
 
     def transcribe(self, paths: Sequence[str | Path], *, decoding: Decoding | None = None,
                    beam_size: int | None = None, batch_size: int = 16) -> list[str]:
-        """Sound files -> one transcript each, in order (files are batched by length)."""
-        rate = self.source.spec.sample_rate
-        feats = []
-        for path in paths:  # files are read on the CPU; features are computed where the model is
-            wave = self.source.load(path).to(self.device)
-            try:
-                feats.append(self.source.encode((wave, rate)))
-            except AudioFileError as exc:
-                raise AudioFileError(f"audio file {path}: {exc}") from None
-        order = sorted(range(len(feats)), key=lambda i: len(feats[i]))
-        out: list[str] = [""] * len(feats)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            texts = self.recognize(self.source.collate([feats[i] for i in chunk]), decoding, beam_size)
-            for i, text in zip(chunk, texts):
+        """Sound files -> one transcript each, in order (files are batched by length). Every file is read and
+        checked before any is decoded."""
+        waves = [self.source.load(path) for path in paths]  # read on the CPU; features are computed where the model is
+        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        batches = [self.source.encode_batch([waves[i].to(self.device) for i in chunk], [str(paths[i]) for i in chunk])
+                   for chunk in chunks]
+        out: list[str] = [""] * len(waves)
+        for chunk, feats in zip(chunks, batches):
+            for i, text in zip(chunk, self.recognize(feats, decoding, beam_size)):
                 out[i] = text
         return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mmgen.graphs import capturing
 from mmgen.hookspecs import hookimpl
-from mmgen.modality import AudioFileError, AudioModality, AudioSpec
+from mmgen.modality import AudioFileError, AudioModality, AudioSpec, Batch
 
 __all__ = ["ConvSubsampling", "LogMelFrames", "read_audio"]
 
@@ -159,26 +159,64 @@ class LogMelFrames(AudioModality):
     def output_lengths(self, frames: Tensor) -> Tensor:
         return ConvSubsampling.output_lengths(frames)
 
-    def features(self, wave: Tensor) -> Tensor:
-        """Mono waveform (n,) at the model's rate -> normalised log-mel frames (frames, n_mels)."""
-        if wave.numel() < self.win_length // 2 + 1:
-            raise AudioFileError(f"clip of {wave.numel()} samples is shorter than half a {self.win_ms} ms window")
-        mel_fn = self._mels.get(str(wave.device))
+    def _check_length(self, num_samples: int, name: str | None = None) -> None:
+        if num_samples <= self.n_fft // 2:  # centred frames reflect n_fft // 2 samples at each end
+            raise AudioFileError(f"{f'audio file {name}: ' if name else ''}clip of {num_samples} samples is shorter "
+                                 f"than half an FFT window (at least {self.n_fft // 2 + 1} samples at "
+                                 f"{self.sample_rate} Hz, {self.win_ms} ms windows)")
+
+    def _mel(self, device: torch.device) -> nn.Module:
+        mel_fn = self._mels.get(str(device))
         if mel_fn is None:  # one transform per device: a waveform on the GPU gets its features there
-            mel_fn = self._mels[str(wave.device)] = torchaudio.transforms.MelSpectrogram(
+            mel_fn = self._mels[str(device)] = torchaudio.transforms.MelSpectrogram(
                 sample_rate=self.sample_rate, n_fft=self.n_fft, win_length=self.win_length,
                 hop_length=self.hop_length, n_mels=self.n_mels, f_min=self.f_min, f_max=self.f_max,
-                power=2.0).to(wave.device)
-        mel = mel_fn(wave.float())  # shape: (n_mels, frames)
-        logmel = mel.clamp_min(LOG_FLOOR).log().T  # shape: (frames, n_mels)
+                power=2.0).to(device)
+        return mel_fn
+
+    def _normalise(self, logmel: Tensor, mask: Tensor | None) -> Tensor:
+        """Log-mel (b, frames, n_mels) -> floored and normalised over each utterance's real frames (``mask`` (b,
+        frames), None when all are real); padded frames come out 0."""
+        if mask is None:
+            mask = torch.ones(logmel.shape[:2], dtype=torch.bool, device=logmel.device)
+        real = mask[..., None]
+        count = real.sum(dim=1, keepdim=True).to(logmel.dtype)  # shape: (b, 1, 1)
         if self.top_db is not None:
-            logmel = logmel.clamp_min(logmel.max() - self.top_db * math.log(10) / 10)
-        mean = logmel.mean(dim=0, keepdim=True)
+            peak = logmel.masked_fill(~real, -math.inf).amax(dim=(1, 2), keepdim=True)
+            logmel = logmel.clamp_min(peak - self.top_db * math.log(10) / 10)
+        centred = (logmel - (logmel * real).sum(dim=1, keepdim=True) / count) * real
         if self.normalize == "band":
-            std = logmel.std(dim=0, keepdim=True, unbiased=False)
+            var = centred.square().sum(dim=1, keepdim=True) / count
         else:
-            std = (logmel - mean).square().mean().sqrt()
-        return (logmel - mean) / (std + 1e-5)
+            var = centred.square().sum(dim=(1, 2), keepdim=True) / (count * logmel.shape[2])
+        return centred / (var.sqrt() + 1e-5)
+
+    def features(self, wave: Tensor) -> Tensor:
+        """Mono waveform (n,) at the model's rate -> normalised log-mel frames (frames, n_mels)."""
+        self._check_length(wave.numel())
+        mel = self._mel(wave.device)(wave.float())  # shape: (n_mels, frames)
+        return self._normalise(mel.clamp_min(LOG_FLOOR).log().T[None], None)[0]
+
+    def encode_batch(self, waves: Sequence[Tensor], names: Sequence[str] | None = None, *,
+                     one_pass: bool | None = None) -> Batch:
+        """With ``one_pass`` (the default on a GPU), one log-mel computation for the whole batch, where one clip at a
+        time costs a dozen kernel launches per clip: each clip gets its own reflection at its end, as it would alone,
+        before the batch is zero-padded, so its real frames read only its own samples. On the CPU one clip at a time
+        is as fast (measured on 8 10-second clips) and keeps the STFT buffers small."""
+        if one_pass is None:
+            one_pass = bool(waves) and waves[0].is_cuda
+        if not one_pass:
+            return super().encode_batch(waves, names)
+        for i, wave in enumerate(waves):
+            self._check_length(wave.numel(), names[i] if names else None)
+        pad = self.n_fft // 2
+        x = nn.utils.rnn.pad_sequence([torch.cat([w.float(), w.float().flip(0)[1:pad + 1]]) for w in waves],
+                                      batch_first=True)
+        lengths = [self.num_frames(w.numel()) for w in waves]
+        frames = max(lengths)
+        mel = self._mel(x.device)(x)[..., :frames]  # shape: (b, n_mels, frames)
+        mask = (torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]).to(x.device)
+        return Batch(self._normalise(mel.clamp_min(LOG_FLOOR).log().transpose(1, 2), mask), mask)
 
     def encode(self, item: str | Path | tuple[Tensor, int]) -> Tensor:
         """A file path, or ``(waveform, sample_rate)`` with waveform (n,) or (channels, n) -> (frames, n_mels) on the
@@ -238,10 +276,14 @@ class FrequencyWarp(nn.Module):
         self.register_buffer("centres_hz", 700.0 * (10 ** (centres_mel / 2595.0) - 1.0), persistent=False)
         self.mel_lo, self.step = mel_lo, step
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (b, frames, n_mels) -> the same, each utterance warped by its own factor."""
+    def forward(self, x: Tensor, alpha: float | Tensor | None = None) -> Tensor:
+        """x (b, frames, n_mels) -> the same, each utterance warped by its own random factor, or by ``alpha`` (a
+        number, or one per utterance) where given."""
         b, _, f = x.shape
-        alpha = 1.0 + (torch.rand(b, 1, device=x.device, dtype=torch.float64) * 2 - 1) * self.max_warp
+        if alpha is None:
+            alpha = 1.0 + (torch.rand(b, 1, device=x.device, dtype=torch.float64) * 2 - 1) * self.max_warp
+        else:
+            alpha = torch.as_tensor(alpha, device=x.device, dtype=torch.float64).reshape(-1, 1).expand(b, 1)
         source_mel = 2595.0 * torch.log10(1.0 + self.centres_hz[None] * alpha / 700.0)  # shape: (b, f)
         pos = ((source_mel - self.mel_lo) / self.step - 1).clamp(0, f - 1).to(x.dtype)  # fractional band index
         lo = pos.floor().long().clamp(max=f - 2) if f > 1 else pos.long()

@@ -135,6 +135,49 @@ def test_clip_shorter_than_half_a_window_is_an_error(tmp_path: Path) -> None:
         audio().encode(path)
 
 
+def test_shortest_clip_is_half_an_fft_window_plus_one_sample() -> None:
+    m = audio()  # 25 ms windows at 8 kHz: 200 samples in a 256-point FFT, so the centred frames reflect 128 samples
+    assert m.features(torch.randn(129)).shape == (m.num_frames(129), 40)
+    with pytest.raises(AudioFileError, match="128 samples is shorter than half an FFT window .at least 129"):
+        m.features(torch.randn(128))
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(top_db=60.0, normalize="utterance", hop_ms=8.0)])
+def test_a_batch_of_clips_gets_each_clips_own_features(kwargs: dict) -> None:
+    m = audio(**kwargs)
+    g = torch.Generator().manual_seed(0)
+    lengths = [129, 130, 3000, m.hop_length * 40, m.hop_length * 40 + 1, 12345]  # shortest, frame edges, longest
+    waves = [torch.randn(n, generator=g) * 0.1 * (i + 1) for i, n in enumerate(lengths)]
+    batch = m.encode_batch(waves, one_pass=True)  # the GPU's path, here on the CPU
+    assert batch.values.shape == (6, m.num_frames(12345), 40)
+    assert batch.mask.sum(dim=1).tolist() == [m.num_frames(n) for n in lengths]
+    for row, (wave, mask) in enumerate(zip(waves, batch.mask)):
+        alone = m.features(wave)
+        torch.testing.assert_close(batch.values[row, mask], alone, atol=2e-5, rtol=1e-5)
+        assert not batch.values[row, ~mask].any()  # padding is 0, as collate pads
+    with pytest.raises(AudioFileError, match="audio file b.wav: clip of 100 samples"):
+        m.encode_batch([waves[0], torch.randn(100)], ["a.wav", "b.wav"], one_pass=True)
+    default = m.encode_batch(waves)  # on the CPU: the modality base class's one clip at a time
+    assert default.values.shape == batch.values.shape
+    assert torch.equal(default.mask, batch.mask)
+    torch.testing.assert_close(default.values, batch.values, atol=2e-5, rtol=1e-5)
+    with pytest.raises(AudioFileError, match="audio file b.wav: clip of 100 samples"):
+        m.encode_batch([waves[0], torch.randn(100)], ["a.wav", "b.wav"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass default is the GPU's: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+def test_a_batch_on_the_gpu_takes_one_pass_and_matches_the_cpu() -> None:
+    m = audio(top_db=60.0, normalize="utterance")
+    g = torch.Generator().manual_seed(1)
+    waves = [torch.randn(n, generator=g) * 0.1 for n in (129, 4000, 8000, 8001)]
+    gpu = m.encode_batch([w.cuda() for w in waves])
+    assert gpu.values.is_cuda and gpu.mask.is_cuda
+    cpu = m.encode_batch(waves)
+    assert torch.equal(gpu.mask.cpu(), cpu.mask)
+    torch.testing.assert_close(gpu.values.cpu(), cpu.values, atol=1e-4, rtol=1e-4)
+
+
 def test_subsampling_lengths_and_batch_independence() -> None:
     torch.manual_seed(0)
     adapter = ConvSubsampling(40, 24, 8).eval()
