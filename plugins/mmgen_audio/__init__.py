@@ -177,18 +177,19 @@ class LogMelFrames(AudioModality):
     def _normalise(self, logmel: Tensor, mask: Tensor | None) -> Tensor:
         """Log-mel (b, frames, n_mels) -> floored and normalised over each utterance's real frames (``mask`` (b,
         frames), None when all are real); padded frames come out 0."""
-        if mask is None:
-            mask = torch.ones(logmel.shape[:2], dtype=torch.bool, device=logmel.device)
+        floor = None if self.top_db is None else self.top_db * math.log(10) / 10
+        bands = 1 if self.normalize == "band" else (1, 2)
+        if mask is None:  # every frame real: plain reductions, fewer kernels
+            if floor is not None:
+                logmel = logmel.clamp_min(logmel.amax(dim=(1, 2), keepdim=True) - floor)
+            centred = logmel - logmel.mean(dim=1, keepdim=True)
+            return centred / (centred.square().mean(dim=bands, keepdim=True).sqrt() + 1e-5)
         real = mask[..., None]
         count = real.sum(dim=1, keepdim=True).to(logmel.dtype)  # shape: (b, 1, 1)
-        if self.top_db is not None:
-            peak = logmel.masked_fill(~real, -math.inf).amax(dim=(1, 2), keepdim=True)
-            logmel = logmel.clamp_min(peak - self.top_db * math.log(10) / 10)
+        if floor is not None:
+            logmel = logmel.clamp_min(logmel.masked_fill(~real, -math.inf).amax(dim=(1, 2), keepdim=True) - floor)
         centred = (logmel - (logmel * real).sum(dim=1, keepdim=True) / count) * real
-        if self.normalize == "band":
-            var = centred.square().sum(dim=1, keepdim=True) / count
-        else:
-            var = centred.square().sum(dim=(1, 2), keepdim=True) / (count * logmel.shape[2])
+        var = centred.square().sum(dim=bands, keepdim=True) / (count * (1 if bands == 1 else logmel.shape[2]))
         return centred / (var.sqrt() + 1e-5)
 
     def features(self, wave: Tensor) -> Tensor:
@@ -216,7 +217,8 @@ class LogMelFrames(AudioModality):
         frames = max(lengths)
         mel = self._mel(x.device)(x)[..., :frames]  # shape: (b, n_mels, frames)
         mask = (torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]).to(x.device)
-        return Batch(self._normalise(mel.clamp_min(LOG_FLOOR).log().transpose(1, 2), mask), mask)
+        logmel = mel.clamp_min(LOG_FLOOR).log().transpose(1, 2)
+        return Batch(self._normalise(logmel, None if min(lengths) == frames else mask), mask)
 
     def encode(self, item: str | Path | tuple[Tensor, int]) -> Tensor:
         """A file path, or ``(waveform, sample_rate)`` with waveform (n,) or (channels, n) -> (frames, n_mels) on the

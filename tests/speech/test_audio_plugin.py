@@ -157,6 +157,9 @@ def test_a_batch_of_clips_gets_each_clips_own_features(kwargs: dict) -> None:
         assert not batch.values[row, ~mask].any()  # padding is 0, as collate pads
     with pytest.raises(AudioFileError, match="audio file b.wav: clip of 100 samples"):
         m.encode_batch([waves[0], torch.randn(100)], ["a.wav", "b.wav"], one_pass=True)
+    same = m.encode_batch([waves[3], waves[3]], one_pass=True)  # equal lengths: the unmasked normalisation
+    assert same.mask.all()
+    torch.testing.assert_close(same.values, m.features(waves[3])[None].expand(2, -1, -1), atol=2e-5, rtol=1e-5)
     default = m.encode_batch(waves)  # on the CPU: the modality base class's one clip at a time
     assert default.values.shape == batch.values.shape
     assert torch.equal(default.mask, batch.mask)
