@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,9 @@ def launch(job: dict) -> dict:
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job), "--out", str(out)], stdout=f,
                               stderr=subprocess.STDOUT, env=env)
+    if job["logs"]:  # kept: the job's own folder is temporary
+        Path(job["logs"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, Path(job["logs"]) / f"{job['split'].replace(':', '_')}_{job['seed']}.txt")
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"job {job['split']} seed {job['seed']} failed:\n{tail}")
@@ -242,6 +246,7 @@ def main() -> None:
                    help="warp factors of the test-time adaptation measured on held-out speakers (none: skip it)")
     p.add_argument("--entropy-adaptation", action="store_true",
                    help="also measure test-time entropy minimisation on held-out speakers (ENTROPY_GRID)")
+    p.add_argument("--logs", help="a folder to keep each job's log in")
     p.add_argument("--out", required=True)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="further CLI overrides for every job (after --)")
@@ -253,7 +258,7 @@ def main() -> None:
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.parallel)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [{"config": a.config, "split": s, "seed": seed, "threads": threads, "test_ckpt": a.test_ckpt,
-                 "warp_grid": a.warp_grid, "entropy": a.entropy_adaptation,
+                 "warp_grid": a.warp_grid, "entropy": a.entropy_adaptation, "logs": a.logs,
                  "extra": [*a.extra, *shlex.split(per_split.get(s, ""))],
                  "root": f"{tmp}/{s.replace(':', '_')}_{seed}"} for s in a.splits for seed in a.seeds]
         start = time.time()

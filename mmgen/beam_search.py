@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mmgen.ctc import CTCPrefixScorer
+from mmgen.graphs import capture
 from mmgen.kernels import triton_usable
 from mmgen.kernels.native_beam import NativeBeamSelect, NativeJointScores, use_native
 
@@ -277,7 +278,7 @@ class BeamSearch:
             torch.cuda.current_stream(device).wait_stream(side)
             if steps < self.max_len and not bool(self.done):
                 captured = self._graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(captured):
+                with capture(captured):
                     self.step(None)  # recorded, not run
         if captured is None:
             while steps < self.max_len and not bool(self.done):

@@ -9,14 +9,38 @@ the same result either way.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PaddedGraphs", "capturing"]
+__all__ = ["PaddedGraphs", "capture", "capturing"]
+
+
+@contextmanager
+def capture(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
+    """``torch.cuda.graph(graph, pool)`` as every capture in mmgen takes it, safe from two things that invalidated
+    captures (cudaErrorStreamCaptureInvalidated) during validation searches in training:
+
+    - PyTorch's default error mode, "global", forbids unsafe CUDA calls in every thread while a capture runs, so a
+      DataLoader's pin-memory thread allocating pinned memory broke it; "thread_local" restricts only this thread.
+    - Python's cyclic garbage collector, running when the capture's own code allocates objects, may free an old
+      search kept in a reference cycle, and its CUDA graph and events with it: CUDA calls the capture forbids. The
+      collector waits until the capture ends.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def capturing(t: Tensor) -> bool:
@@ -90,7 +114,7 @@ class PaddedGraphs:
             self.fn(static_x, static_mask)
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with capture(graph, self._pool):
             outputs = tuple(self.fn(static_x, static_mask))
         self.captures += 1
         return graph, static_x, static_mask, outputs

@@ -469,3 +469,77 @@ def test_captured_searches_are_reused_for_inputs_of_the_same_shape(trained, fsdd
     finally:
         model._searches.clear()
         model.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+def test_captures_survive_a_thread_that_pins_memory(trained, fsdd_items) -> None:
+    """A DataLoader's pin-memory thread allocates and frees pinned host memory while validation captures a search;
+    under PyTorch's default ("global") capture mode that invalidated the capture."""
+    import threading
+
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson", "theo"), range(20, 24), digits=(0, 3, 7))]
+    with torch.inference_mode():
+        want = model.transcribe(files, decoding="joint")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def pin() -> None:
+        size = 1
+        while not stop.is_set():
+            try:
+                torch.empty(1024 * size, pin_memory=True)
+                torch._C._host_emptyCache()  # frees the block, so the next allocation is a new cudaHostAlloc
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+            size = size % 64 + 1
+
+    thread = threading.Thread(target=pin, daemon=True)
+    model.cuda()
+    thread.start()
+    try:
+        with torch.inference_mode():
+            for batch_size in (1, 2, 3, 5, 7, 9, 11, 13):  # a new shape each time: fresh encoder and search captures
+                model._searches.clear()
+                got = model.transcribe(files, decoding="joint", batch_size=batch_size)
+                assert got == want
+    finally:
+        stop.set()
+        thread.join()
+        model.cpu()
+    assert not errors, errors
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine "
+                    "(docs/benchmarks.md)")
+def test_the_garbage_collector_waits_while_a_search_is_captured(trained, fsdd_items, monkeypatch) -> None:
+    """A search dropped from the reuse cache lives in a reference cycle until the garbage collector frees it, CUDA
+    graph and events included, which a capture forbids: the collector must not run inside one."""
+    import gc
+
+    from mmgen.beam_search import BeamSearch
+
+    model, _, _ = trained
+    files = [u.audio[0] for u in pick(fsdd_items, ("lucas", "jackson"), range(20, 22), digits=(0, 3, 7))]
+    with torch.inference_mode():
+        want = model.transcribe(files, decoding="joint")
+    seen: list[bool] = []
+    step = BeamSearch.step
+
+    def spy(self, *args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            seen.append(gc.isenabled())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(BeamSearch, "step", spy)
+    model._searches.clear()  # a capture, not a reuse
+    model.cuda()
+    try:
+        with torch.inference_mode():
+            assert model.transcribe(files, decoding="joint", batch_size=len(files)) == want
+    finally:
+        model.cpu()
+    assert seen == [False] and gc.isenabled()
