@@ -25,6 +25,15 @@ TINY = dict(num_layers=2, num_heads=2, d_model=32, block_size=16, dropout=0.0, w
             sample_tokens=0)
 
 
+@pytest.fixture(autouse=True)
+def float32_matmul_precision():
+    """A fit on the GPU sets TF32 for the whole process (the tasks' on_fit_start); every test starts from and leaves
+    the precision it found, so a later GPU-against-CPU comparison is not run in TF32."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
