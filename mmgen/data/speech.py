@@ -178,8 +178,9 @@ JITTER_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0)  # of the +-10 % length jitter, tri
 class DurationBatchSampler(Sampler[list[int]]):
     """Batches of utterances of similar duration, each at most ``max_seconds`` of padded audio (and at most
     ``max_batch_size`` utterances). With ``shuffle``, lengths are jittered by +-10 % before sorting and the batch
-    order is drawn from ``(seed, epoch)``, and every epoch has as many batches as the first; each rank takes every
-    ``world``-th batch (all ranks the same number). With ``keyed``, a batch lists ``(epoch, index)`` pairs instead
+    order is drawn from ``(seed, epoch)``, and every epoch has as many batches as the first. Each rank takes every
+    ``world``-th batch: in training all ranks the same number (the remainder is left out, so they step together);
+    without ``shuffle`` (validation, test) every batch, so an evaluation reads every utterance once. With ``keyed``, a batch lists ``(epoch, index)`` pairs instead
     of indices, so the data set can draw an utterance's augmentation from ``(seed, epoch, index)`` in whichever
     loader worker fetches it.
 
@@ -255,7 +256,7 @@ class DurationBatchSampler(Sampler[list[int]]):
                 half = len(batches[j]) // 2
                 batches[j:j + 1] = [batches[j][:half], batches[j][half:]]
             batches = [batches[j] for j in rng.permutation(len(batches))]
-        per_rank = len(batches) // self.world if self.world > 1 else len(batches)
+        per_rank = len(batches) // self.world if self.shuffle and self.world > 1 else len(batches)
         return batches[self.rank::self.world][:per_rank]
 
     def begin_pass(self) -> None:
@@ -540,6 +541,14 @@ class SpeechDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self._datasets[name]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # Lightning would wrap a DistributedSampler around these batches, which it cannot do for a batch sampler
+        # (a TypeError that names neither the fix nor this class). Its flag has no public reader.
+        injecting = getattr(getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False)
+        if world > 1 and injecting:
+            raise ValueError(f"{type(self).__name__} batches utterances by duration and gives each of the {world} "
+                             "ranks its own batches, so Lightning must not add a DistributedSampler: set "
+                             "use_distributed_sampler=False on the Trainer (--trainer.use_distributed_sampler false; "
+                             "the speech recipes set it)")
         sampler = DurationBatchSampler([u.duration for u in ds.items], self.max_batch_seconds, shuffle=shuffle,
                                        seed=self.seed, max_batch_size=self.max_batch_size, rank=rank, world=world,
                                        keyed=shuffle)

@@ -95,6 +95,10 @@ def test_duration_batches_cover_everything_within_the_budget() -> None:
     assert list(sampler) == batches  # and the same one for the same epoch
     ranks = [list(DurationBatchSampler(durations, 10.0, shuffle=True, seed=1, rank=r, world=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) and not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+    # Evaluation: every batch, however unevenly the ranks share them (the test split is read once, all of it).
+    for world in (2, 3):
+        ranks = [list(DurationBatchSampler(durations, 10.0, rank=r, world=world)) for r in range(world)]
+        assert sorted(i for rank in ranks for b in rank for i in b) == list(range(200))
     with pytest.raises(ValueError, match="exceeds max_batch_seconds"):
         DurationBatchSampler([1.0, 12.0], 10.0)
 
