@@ -24,14 +24,15 @@ __all__ = ["PaddedGraphs", "capture", "capturing"]
 
 @contextmanager
 def capture(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
-    """``torch.cuda.graph(graph, pool)`` as every capture in mmgen takes it, safe from two things that invalidated
-    captures (cudaErrorStreamCaptureInvalidated) during validation searches in training:
+    """``torch.cuda.graph(graph, pool)`` as every capture in mmgen takes it, safe from two things that invalidate a
+    capture (cudaErrorStreamCaptureInvalidated; validation searches in connected-digit training runs stopped so):
 
-    - PyTorch's default error mode, "global", forbids unsafe CUDA calls in every thread while a capture runs, so a
-      DataLoader's pin-memory thread allocating pinned memory broke it; "thread_local" restricts only this thread.
-    - Python's cyclic garbage collector, running when the capture's own code allocates objects, may free an old
-      search kept in a reference cycle, and its CUDA graph and events with it: CUDA calls the capture forbids. The
-      collector waits until the capture ends.
+    - PyTorch's default error mode, "global", forbids unsafe CUDA calls in every thread while a capture runs, and a
+      thread allocating pinned memory (a DataLoader's pin-memory thread does) breaks it (a GPU test shows it);
+      "thread_local" restricts only this thread.
+    - Python's cyclic garbage collector, run when the capture's own code allocates objects, may free an old search
+      kept in a reference cycle, and its CUDA graph with it, which a capture forbids
+      (``benchmarks/capture_debug/gc_probe.py`` shows it). The collector waits until the capture ends.
     """
     collecting = gc.isenabled()
     gc.disable()
