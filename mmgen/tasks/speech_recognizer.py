@@ -505,12 +505,16 @@ class SpeechRecognizer(L.LightningModule):
                    beam_size: int | None = None, batch_size: int = 16) -> list[str]:
         """Sound files -> one transcript each, in order (files are batched by length). Every file is read and
         checked before any is decoded."""
-        waves = [self.source.load(path) for path in paths]  # read on the CPU; features are computed where the model is
+        waves: list[Tensor | None] = [self.source.load(path) for path in paths]  # read on the CPU
         order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
         chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-        batches = [self.source.encode_batch([waves[i].to(self.device) for i in chunk], [str(paths[i]) for i in chunk])
-                   for chunk in chunks]
-        out: list[str] = [""] * len(waves)
+        batches = []
+        for chunk in chunks:  # features where the model is; each waveform let go once its chunk has them
+            batches.append(self.source.encode_batch([waves[i].to(self.device) for i in chunk],
+                                                    [str(paths[i]) for i in chunk]))
+            for i in chunk:
+                waves[i] = None
+        out: list[str] = [""] * len(paths)
         for chunk, feats in zip(chunks, batches):
             for i, text in zip(chunk, self.recognize(feats, decoding, beam_size)):
                 out[i] = text
