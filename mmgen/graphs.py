@@ -32,7 +32,9 @@ def capture(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
       "thread_local" restricts only this thread.
     - Python's cyclic garbage collector, run when the capture's own code allocates objects, may free an old search
       kept in a reference cycle, and its CUDA graph with it, which a capture forbids
-      (``benchmarks/capture_debug/gc_probe.py`` shows it). The collector waits until the capture ends.
+      (``benchmarks/capture_debug/gc_probe.py`` shows it). The collector waits until the capture ends. (The kernel
+      wrappers now hold their search weakly, so a dropped search is freed at once, outside any capture; the pause
+      covers whatever else a cycle may hold.)
     """
     collecting = gc.isenabled()
     gc.disable()

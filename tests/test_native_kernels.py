@@ -171,3 +171,25 @@ def test_native_kernels_check_their_inputs() -> None:
     with pytest.raises(RuntimeError, match="psi must be Double"):
         native_ops().ctc_scores(scorer.x, scorer.r_blank, scorer.r_any, scorer.start, scorer.last, scorer.prefix,
                                 None, psi.float(), scorer.blank, scorer.eos)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_dropped_search_is_freed_at_once(native: bool) -> None:
+    """The kernel wrappers hold their search and scorer weakly: a search dropped (from the GPU reuse cache, say) is
+    freed by reference counting, with its CUDA graph on a GPU, and never by a garbage collection that could run
+    inside another capture (see mmgen.graphs.capture)."""
+    import gc
+    import weakref
+
+    search = small(native, fused=None if native else True)
+    assert (search._select is not None) and (search._joint is not None) and search.ctc is not None
+    search.run()
+    refs = [weakref.ref(search), weakref.ref(search.ctc)]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        del search
+        assert [r() for r in refs] == [None, None]
+    finally:
+        if collecting:
+            gc.enable()

@@ -25,6 +25,7 @@ the last bits.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -190,7 +191,7 @@ class BeamSelect:
             raise ValueError(f"the fused beam step needs a vocabulary of at least 2 ids, got {v}")
         rows = b * k
         device = search.scores.device
-        self.search = search
+        self.search = weakref.proxy(search)  # the search owns this: no reference cycle (see mmgen.graphs.capture)
         self.index = torch.zeros(rows, dtype=torch.long, device=device)
         self.keep_label = torch.zeros(rows, dtype=torch.long, device=device)
         self._lse = torch.zeros(2, rows, dtype=torch.float64, device=device)

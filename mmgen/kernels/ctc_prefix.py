@@ -48,6 +48,7 @@ writing every new value (and the moved frames) to scratch, the second copying th
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -374,7 +375,7 @@ class FusedCTCPrefix:
     def __init__(self, scorer: CTCPrefixScorer) -> None:
         s = scorer  # its state is contiguous and its rows a multiple of its group (CTCPrefixScorer makes sure)
         rows, v, t = s.x.shape
-        self.scorer, self.rows, self.v, self.t = s, rows, v, t
+        self.scorer, self.rows, self.v, self.t = weakref.proxy(s), rows, v, t  # owned by the scorer: no cycle
         dev = s.x.device
         self.psi = torch.empty(rows, v, dtype=torch.float64, device=dev)
         self._scratch = torch.empty(3, rows, t, dtype=torch.float64, device=dev)
@@ -451,7 +452,7 @@ class FusedJointScores:
         if ctc is None or not ctc.fused:
             raise ValueError("fused joint scores: the search needs a fused CTC scorer")
         rows, v, t = ctc.x.shape
-        self.search, self.ctc = search, ctc
+        self.search, self.ctc = weakref.proxy(search), ctc  # owned by the search: no cycle
         dev = ctc.x.device
         self.psi = ctc._fused.psi
         self.scores = torch.empty(rows, v, dtype=torch.float64, device=dev)

@@ -23,6 +23,7 @@ nan step score counts as -inf (a dead candidate).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +48,7 @@ class NativeBeamSelect:
         if search.v < 2:
             raise ValueError(f"the native beam step needs a vocabulary of at least 2 ids, got {search.v}")
         rows = search.b * search.k
-        self.search = search
+        self.search = weakref.proxy(search)  # the search owns this: no reference cycle
         self.index = torch.zeros(rows, dtype=torch.long)
         self.keep_label = torch.zeros(rows, dtype=torch.long)
         self._penalty = search.penalty.contiguous()
@@ -74,7 +75,7 @@ class NativeCTCPrefix:
     def __init__(self, scorer: CTCPrefixScorer) -> None:
         s = scorer  # its state is contiguous and its rows a multiple of its group (CTCPrefixScorer makes sure)
         rows, v, _ = s.x.shape
-        self.scorer = s
+        self.scorer = weakref.proxy(s)  # the scorer owns this: no reference cycle
         self.psi = torch.empty(rows, v, dtype=torch.float64)
         # group=1: a row may take any row's hypothesis, and its frames with it (through this buffer).
         self._x_scratch = torch.empty_like(s.x) if s.group == 1 else None
@@ -105,7 +106,7 @@ class NativeJointScores:
         if ctc is None or not ctc.native:
             raise ValueError("native joint scores: the search needs a native CTC scorer")
         rows, v, _ = ctc.x.shape
-        self.search, self.ctc = search, ctc
+        self.search, self.ctc = weakref.proxy(search), ctc  # owned by the search: no cycle
         self.psi = ctc._native.psi
         self.scores = torch.empty(rows, v, dtype=torch.float64)
         self._penalty = search.penalty.contiguous()
