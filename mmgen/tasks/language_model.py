@@ -18,7 +18,7 @@ from mmgen import checkpoint as ckpt_io
 from mmgen.blocks import DecoderCache, TransformerStack
 from mmgen.modality import Modality, TextModality
 from mmgen.sampling import sample_next
-from mmgen.tasks.common import adamw_cosine, load_weights, log_text, require_role
+from mmgen.tasks.common import adamw_cosine, evaluating, load_weights, log_text, require_role
 
 __all__ = ["GPT", "LanguageModel", "cosine_schedule"]
 
@@ -206,8 +206,12 @@ class LanguageModel(L.LightningModule):
                      top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
                      on_token: Callable[[Tensor], None] | None = None) -> Tensor:
         """ids (b, s) -> (b, s + max_new_tokens)."""
-        was_training = self.net.training
-        self.net.eval()
+        with evaluating(self.net):
+            return self._generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, on_token)
+
+    def _generate_ids(self, ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                      top_p: float | None, seed: int | None, use_cache: bool,
+                      on_token: Callable[[Tensor], None] | None) -> Tensor:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=ids.device).manual_seed(seed)
@@ -228,5 +232,4 @@ class LanguageModel(L.LightningModule):
             pending = nxt[:, None]
             if on_token is not None:
                 on_token(nxt)
-        self.net.train(was_training)
         return ids

@@ -27,7 +27,7 @@ from mmgen.ctc import CTCPrefixScorer, ctc_greedy, ctc_prefix_beam_search
 from mmgen.graphs import PaddedGraphs, capturing
 from mmgen.kernels import weights_key
 from mmgen.modality import AudioModality, Batch, Modality, TextModality, VocabularyError
-from mmgen.tasks.common import adamw_cosine, load_weights, log_image, log_text, require_role
+from mmgen.tasks.common import adamw_cosine, evaluating, load_weights, log_image, log_text, require_role
 
 if TYPE_CHECKING:
     from mmgen.kernels.decoder_step import FusedStepCache
@@ -337,14 +337,10 @@ class SpeechRecognizer(L.LightningModule):
         """A padded batch of feature frames -> one transcript per utterance."""
         decoding = decoding or self.hparams.decoding
         beam_size = beam_size or self.hparams.beam_size
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with evaluating(self.net):
             memory, mask, log_probs = self._encode_for_decoding(features.values.to(self.device),
                                                                 features.mask.to(self.device))
             ids = self._decode(memory, mask, log_probs, decoding, beam_size)
-        finally:
-            self.net.train(was_training)
         return [self.target.decode(row) for row in ids]
 
     def _encode_for_decoding(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -395,9 +391,7 @@ class SpeechRecognizer(L.LightningModule):
         """Cross-attention weights (s + 1, t) of the decoder's last block, averaged over heads, for one utterance
         (features (frames, f)) teacher-forced with its transcript ``text``: rows are ``<bos>`` and its characters,
         columns encoder frames."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with evaluating(self.net):
             src = self.source.collate([features])
             memory, mask = self.net.encode(src.values.to(self.device), src.mask.to(self.device))
             ids = torch.cat([torch.tensor([self.target.spec.bos_id]), self.target.encode(text)])[None].to(self.device)
@@ -410,8 +404,6 @@ class SpeechRecognizer(L.LightningModule):
             finally:
                 handle.remove()
             _, weights = attn(*seen["args"], **{**seen["kwargs"], "need_weights": True})
-        finally:
-            self.net.train(was_training)
         return weights[0].mean(dim=0).float().cpu()
 
     def _attention_beam_search(self, memory: Tensor, mask: Tensor, ctc_log_probs: Tensor, k: int,
