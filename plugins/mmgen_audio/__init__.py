@@ -203,7 +203,7 @@ class LogMelFrames(AudioModality):
         """With ``one_pass`` (the default on a GPU), one log-mel computation for the whole batch, where one clip at a
         time costs a dozen kernel launches per clip: each clip gets its own reflection at its end, as it would alone,
         before the batch is zero-padded, so its real frames read only its own samples. On the CPU one clip at a time
-        is as fast (measured on 8 10-second clips) and keeps the STFT buffers small."""
+        is as fast for short clips and faster for long ones (``benchmarks/features_probe.py``)."""
         if one_pass is None:
             one_pass = bool(waves) and waves[0].is_cuda
         if not one_pass:
