@@ -103,8 +103,8 @@ def load_weights(task: L.LightningModule, state_dict: dict, path: str | Path) ->
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode for the block, then as it was. A module already in eval mode (a loaded model) is left
-    alone: switching walks every submodule, 1.2 ms each way for a Conformer-S-size recogniser on a 2-core CPU, which
-    made greedy decoding of a 1 s clip 15 % slower than the encoder pass alone."""
+    alone: switching walks every submodule, about a millisecond each way for a Conformer-S-size recogniser on a
+    2-core CPU, a noticeable part of greedy decoding of a 1 s clip."""
     training = module.training
     if training:
         module.eval()
