@@ -29,6 +29,10 @@ def transcribe_command(argv: list[str]) -> int:
     model = load(a.ckpt, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not hasattr(model, "transcribe"):
         raise ValueError(f"{a.ckpt} is a {type(model).__name__} checkpoint; transcribe needs a speech recogniser")
+    if model.device.type == "cpu" and model.fused_decoding:
+        from mmgen.kernels.native import native_usable
+
+        native_usable()  # start-up, not timed: the C++ kernels' first build on a machine takes tens of seconds
     start = time.perf_counter()
     texts = model.transcribe(a.files, decoding=a.decoding, beam_size=a.beam_size, batch_size=a.batch_size)
     elapsed = time.perf_counter() - start

@@ -18,6 +18,7 @@ reason as a warning, and decoding runs the PyTorch code. ``MMGEN_NATIVE=0`` turn
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -33,7 +34,15 @@ _state: dict[str, object] = {}
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load
+    # Importing cpp_extension on a machine with a CUDA toolkit folder but no GPU logs "No CUDA runtime is found",
+    # which says nothing about these CPU-only kernels: it is kept out of the user's output.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        quiet.setLevel(level)
 
     sources = sorted(SOURCES.glob("*.cpp"))
     digest = hashlib.sha256()
