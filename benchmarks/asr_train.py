@@ -58,11 +58,12 @@ def run_job(job: dict) -> dict:
     import mmgen
 
     model = mmgen.load(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-    metrics.update(every_decoding(model, test.datamodule))
+    batches = list(test.datamodule.test_dataloader())  # read once, decoded every way below
+    metrics.update(every_decoding(model, test.datamodule, batches))
     if job["split"].startswith("speaker:") and job["warp_grid"]:
-        metrics["warp_adaptation"] = warp_adaptation(model, test.datamodule, job["warp_grid"])
+        metrics["warp_adaptation"] = warp_adaptation(model, batches, job["warp_grid"])
     if job["split"].startswith("speaker:") and job["entropy"]:
-        metrics["entropy_adaptation"] = entropy_adaptation(model, test.datamodule, ENTROPY_GRID)
+        metrics["entropy_adaptation"] = entropy_adaptation(model, batches, ENTROPY_GRID)
     score = monitored.best_model_score
     return {"split": job["split"], "seed": job["seed"], **metrics, "tested": job["test_ckpt"],
             "best_val": None if score is None else float(score), "best_path": Path(monitored.best_model_path).name,
@@ -72,7 +73,7 @@ def run_job(job: dict) -> dict:
             "train_utterances": len(dm._datasets["train"]), "test_utterances": len(test.datamodule._datasets["test"])}
 
 
-def every_decoding(model, dm) -> dict:
+def every_decoding(model, dm, batches: list[dict]) -> dict:
     """Test WER of each decoding on the same test batches, and the most frequent word errors of the recipe's.
     ``attention``/``joint`` use the checkpoint's lexicon setting, ``_lexicon`` holds them to the words of the training
     transcripts, ``_free`` lets them spell freely."""
@@ -92,7 +93,7 @@ def every_decoding(model, dm) -> dict:
     unique = {key(*setting): setting for setting in settings.values()}
     found: dict[tuple, list[str]] = {key: [] for key in unique}
     refs: list[str] = []
-    for batch in dm.test_dataloader():
+    for batch in batches:
         refs += batch["text"]
         for k, (search, lexicon) in unique.items():
             model.hparams.lexicon = lexicon
@@ -112,7 +113,7 @@ def every_decoding(model, dm) -> dict:
 WARP_GRID = [round(0.8 + 0.025 * i, 3) for i in range(17)]  # 0.800, 0.825, ..., 1.200
 
 
-def warp_adaptation(model, dm, grid: list[float]) -> dict:
+def warp_adaptation(model, batches: list[dict], grid: list[float]) -> dict:
     """Test-time vocal-tract-length normalisation, measured on a held-out speaker: every test utterance is decoded
     (the recipe's decoding) with its log-mel frequency axis warped by each factor of ``grid``, and the model's
     own confidence picks a factor without looking at the transcripts. Confidence is the mean over an utterance's
@@ -131,7 +132,7 @@ def warp_adaptation(model, dm, grid: list[float]) -> dict:
     hyps: dict[float, list[str]] = {a: [] for a in grid}
     conf: dict[float, list[float]] = {a: [] for a in grid}
     start = time.time()
-    for batch in dm.test_dataloader():
+    for batch in batches:
         refs += batch["text"]
         values, mask = batch["source"].values.to(model.device), batch["source"].mask.to(model.device)
         for a in grid:  # alpha inner: every factor reuses the batch's captured search
@@ -157,7 +158,7 @@ def warp_adaptation(model, dm, grid: list[float]) -> dict:
 ENTROPY_GRID = [(lr, epochs) for lr in (1e-3, 3e-3, 1e-2) for epochs in (1, 3)]
 
 
-def entropy_adaptation(model, dm, grid: list[tuple[float, int]]) -> dict:
+def entropy_adaptation(model, batches: list[dict], grid: list[tuple[float, int]]) -> dict:
     """Test-time entropy minimisation (TENT, Wang et al. 2021; SUTA, Lin et al. 2022, for CTC), measured on a
     held-out speaker: the encoder's LayerNorm scales and shifts alone are trained, without transcripts, to lower the
     entropy of the CTC head's distributions on the frames whose most likely label is not blank, over the speaker's
@@ -177,8 +178,7 @@ def entropy_adaptation(model, dm, grid: list[tuple[float, int]]) -> dict:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    batches = [(b["source"].values.to(model.device), b["source"].mask.to(model.device), b["text"])
-               for b in dm.test_dataloader()]
+    batches = [(b["source"].values.to(model.device), b["source"].mask.to(model.device), b["text"]) for b in batches]
     refs = [t for _, _, text in batches for t in text]
     out = {}
     start = time.time()

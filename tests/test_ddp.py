@@ -33,15 +33,21 @@ SMALL = ["--config", str(ROOT / "recipes" / "speech" / "fsdd_ctc_attention.yaml"
          "1", "--data.source.conv_channels", "8", "--data.split", "speaker", "--data.test_speaker", "theo"]
 
 
-def run(tmp_path: Path, name: str, command: str, *args: str, devices: int = 2, recipe: list[str] = SMALL) -> dict:
+def launch(tmp_path: Path, out: Path, command: str, *args: str, devices: int = 2,
+           recipe: list[str] = SMALL) -> subprocess.CompletedProcess:
     """``mmgen COMMAND`` with the small recipe, then ``args`` (after the recipe, so they override it)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    out = tmp_path / f"{name}.json"
     strategy = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
     env = {**os.environ, "MMGEN_DATA_DIR": str(data_dir().resolve()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(driver), str(out), command, *recipe, *strategy, *args], cwd=tmp_path,
+    return subprocess.run([sys.executable, str(driver), str(out), command, *recipe, *strategy, *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+def run(tmp_path: Path, name: str, command: str, *args: str, **kwargs) -> dict:
+    """:func:`launch`, which must succeed; rank 0's metrics."""
+    out = tmp_path / f"{name}.json"
+    proc = launch(tmp_path, out, command, *args, **kwargs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -75,13 +81,8 @@ def test_two_process_training_resumes_and_tests_every_utterance_once(tmp_path: P
 
 
 def test_a_distributed_sampler_is_refused_with_the_flag_that_fixes_it(tmp_path: Path) -> None:
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "MMGEN_DATA_DIR": str(data_dir().resolve()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(driver), str(tmp_path / "x.json"), "fit", *SMALL, "--trainer.devices",
-                           "2", "--trainer.strategy", "ddp", "--trainer.use_distributed_sampler", "true",
-                           "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(tmp_path, tmp_path / "x.json", "fit", "--trainer.use_distributed_sampler", "true",
+                  "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path))
     assert proc.returncode != 0
     assert "use_distributed_sampler=False" in proc.stderr and "--trainer.use_distributed_sampler false" in proc.stderr
 

@@ -180,9 +180,9 @@ class DurationBatchSampler(Sampler[list[int]]):
     ``max_batch_size`` utterances). With ``shuffle``, lengths are jittered by +-10 % before sorting and the batch
     order is drawn from ``(seed, epoch)``, and every epoch has as many batches as the first. Each rank takes every
     ``world``-th batch: in training all ranks the same number (the remainder is left out, so they step together);
-    without ``shuffle`` (validation, test) every batch, so an evaluation reads every utterance once. With ``keyed``, a batch lists ``(epoch, index)`` pairs instead
-    of indices, so the data set can draw an utterance's augmentation from ``(seed, epoch, index)`` in whichever
-    loader worker fetches it.
+    without ``shuffle`` (validation, test) every batch, so an evaluation reads every utterance once. With
+    ``keyed``, a batch lists ``(epoch, index)`` pairs instead of indices, so the data set can draw an utterance's
+    augmentation from ``(seed, epoch, index)`` in whichever loader worker fetches it.
 
     Resuming (:class:`ResumableLoader`): :meth:`resume` makes the next pass of a checkpoint's epoch start at the first
     batch it had not trained on; ``len`` stays the whole epoch (Lightning counts the batches done itself)."""

@@ -113,4 +113,3 @@ def evaluating(module: nn.Module) -> Iterator[None]:
     finally:
         if training:
             module.train()
-

@@ -207,29 +207,25 @@ class LanguageModel(L.LightningModule):
                      on_token: Callable[[Tensor], None] | None = None) -> Tensor:
         """ids (b, s) -> (b, s + max_new_tokens)."""
         with evaluating(self.net):
-            return self._generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, on_token)
-
-    def _generate_ids(self, ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                      top_p: float | None, seed: int | None, use_cache: bool,
-                      on_token: Callable[[Tensor], None] | None) -> Tensor:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=ids.device).manual_seed(seed)
-        net, block = self.net, self.block_size
-        forward = net.forward  # the eager module: a compiled training graph does not fit growing decode shapes
-        cache = net.stack.make_cache(ids.shape[0], block) if use_cache else None
-        pending = ids[:, -block:]  # tokens not yet in the cache
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits = forward(ids[:, -block:])
-            else:
-                if cache.length + pending.shape[1] > block:
-                    cache.reset()
-                    pending = ids[:, -(block // 2):]
-                logits = forward(pending, cache)
-            nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            pending = nxt[:, None]
-            if on_token is not None:
-                on_token(nxt)
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=ids.device).manual_seed(seed)
+            net, block = self.net, self.block_size
+            forward = net.forward  # the eager module: a compiled training graph does not fit growing decode shapes
+            cache = net.stack.make_cache(ids.shape[0], block) if use_cache else None
+            pending = ids[:, -block:]  # tokens not yet in the cache
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    logits = forward(ids[:, -block:])
+                else:
+                    if cache.length + pending.shape[1] > block:
+                        cache.reset()
+                        pending = ids[:, -(block // 2):]
+                    logits = forward(pending, cache)
+                nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                pending = nxt[:, None]
+                if on_token is not None:
+                    on_token(nxt)
         return ids
