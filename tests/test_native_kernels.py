@@ -15,7 +15,7 @@ from mmgen.ctc import CTCPrefixScorer
 from mmgen.kernels.native import native_ops, native_usable
 from mmgen.kernels.native_beam import NativeBeamSelect, NativeCTCPrefix, NativeJointScores
 from tests.speech.test_ctc_kernels import simulate
-from tests.test_beam_kernels import check_joint_scores, check_run, check_tied_labels, lockstep, make_search
+from tests.test_beam_kernels import DEVICE, check_joint_scores, check_run, check_tied_labels, lockstep, make_search
 
 CPU = torch.device("cpu")
 
@@ -181,7 +181,8 @@ def test_a_dropped_search_is_freed_at_once(native: bool) -> None:
     import gc
     import weakref
 
-    search = small(native, fused=None if native else True)
+    # Triton's kernels run where they would in use: compiled on a GPU, interpreted on the CPU without one.
+    search = small(native, fused=None, device=CPU) if native else small(False, fused=True, device=DEVICE)
     assert (search._select is not None) and (search._joint is not None) and search.ctc is not None
     search.run()
     refs = [weakref.ref(search), weakref.ref(search.ctc)]
