@@ -124,7 +124,7 @@ def warp_adaptation(model, batches: list[dict], grid: list[float]) -> dict:
     from mmgen_audio import FrequencyWarp
     from torchmetrics.functional.text import word_error_rate
 
-    from mmgen.modality import Batch
+    from mmgen.tasks.common import evaluating
 
     src = model.source
     warp = FrequencyWarp(src.n_mels, src.f_min, src.f_max or src.sample_rate / 2, 0.0).to(model.device)
@@ -137,12 +137,12 @@ def warp_adaptation(model, batches: list[dict], grid: list[float]) -> dict:
         values, mask = batch["source"].values.to(model.device), batch["source"].mask.to(model.device)
         for a in grid:  # alpha inner: every factor reuses the batch's captured search
             warped = warp(values, a) if a != 1.0 else values
-            with torch.inference_mode():
-                model.net.eval()
-                _, enc_mask, log_probs = model._encode_for_decoding(warped, mask)
+            with torch.inference_mode(), evaluating(model.net):  # one encoder pass: confidence, then decoding
+                memory, enc_mask, log_probs = model._encode_for_decoding(warped, mask)
                 best = log_probs.max(dim=-1).values * enc_mask
                 conf[a] += (best.sum(dim=1) / enc_mask.sum(dim=1)).tolist()
-            hyps[a] += model.recognize(Batch(warped, mask))
+                ids = model._decode(memory, enc_mask, log_probs, model.hparams.decoding, model.hparams.beam_size)
+            hyps[a] += [model.target.decode(row) for row in ids]
     by_factor = {a: float(word_error_rate(hyps[a], refs)) for a in grid}
     mean_conf = {a: sum(c) / len(c) for a, c in conf.items()}
     speaker = max(grid, key=lambda a: mean_conf[a])
